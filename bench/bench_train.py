@@ -1,0 +1,193 @@
+"""Training throughput of one implementation, in its own process: samples/s, useful FLOP/s, peak RSS.
+
+Implementations (each written the way its users write it):
+  trainer-default  Seq2SeqTrainer as examples/pytorch/question-answering/run_seq2seq_qa.py runs it by default:
+                   every source padded to 384 tokens and every target to 30 (pad_to_max_length=True),
+                   default_data_collator, random sampling.
+  trainer-best     the same script with its best flags: dynamic padding (DataCollatorForSeq2Seq) and
+                   train_sampling_strategy="group_by_length" (transformers 5's name for group_by_length).
+  plain-512        the tutorial / simpleT5 loop: tokenizer(..., padding="max_length", max_length=512),
+                   targets padded to 30, AdamW, shuffle.
+  t5qa             t5qa.train.fit(TrainConfig(...)) with its defaults, evaluation and saving pushed past the end.
+
+Timing: wall clock from the end of optimizer step `--warmup-steps` to the end of the last step, so model
+loading, tokenisation and the first (slow) steps are excluded. FLOPs are counted per timed batch from its real
+token counts (see flops.py), by wrapping the model class's forward, so every loop is measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+IMPLS = ("trainer-default", "trainer-best", "plain-512", "t5qa")
+
+
+def _sources_targets() -> tuple[list[str], list[str]]:
+    rows = common.read_squad(common.TRAIN_FILE)
+    return [common.prompt(r) for r in rows], [r.answer for r in rows]
+
+
+def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer: common.StepTimer) -> Any:
+    import datasets
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        TrainerCallback,
+        default_data_collator,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    sources, targets = _sources_targets()
+    raw = datasets.Dataset.from_dict({"source": sources, "target": targets})
+    padding = False if best_flags else "max_length"
+
+    def preprocess(batch: dict) -> dict:
+        # as run_seq2seq_qa.py's preprocess_function
+        inputs = tokenizer(batch["source"], max_length=common.MAX_SOURCE_TOKENS, padding=padding, truncation=True)
+        labels = tokenizer(text_target=batch["target"], max_length=common.MAX_TARGET_TOKENS, padding=padding,
+                           truncation=True)
+        if padding == "max_length":  # ignore_pad_token_for_loss=True
+            labels["input_ids"] = [[(t if t != tokenizer.pad_token_id else -100) for t in ids]
+                                   for ids in labels["input_ids"]]
+        inputs["labels"] = labels["input_ids"]
+        return inputs
+
+    train = raw.map(preprocess, batched=True, remove_columns=raw.column_names)
+    collator = (DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100) if best_flags
+                else default_data_collator)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(work / "trainer"),
+        per_device_train_batch_size=common.BATCH_SIZE,
+        learning_rate=common.LEARNING_RATE,
+        max_steps=steps,
+        train_sampling_strategy="group_by_length" if best_flags else "random",
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=42,
+    )
+
+    class Timing(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timer.mark()
+
+    trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
+                             processing_class=tokenizer, callbacks=[Timing()])
+    trainer.train()
+    return model.config, {"optimizer": str(args.optim), "sampling": args.train_sampling_strategy}
+
+
+def run_plain(model_dir: str, steps: int, timer: common.StepTimer) -> Any:
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    sources, targets = _sources_targets()
+    enc = tokenizer(sources, max_length=512, padding="max_length", truncation=True, return_tensors="pt")
+    lab = tokenizer(targets, max_length=common.MAX_TARGET_TOKENS, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+    lab[lab == tokenizer.pad_token_id] = -100
+    data = torch.utils.data.TensorDataset(enc.input_ids, enc.attention_mask, lab)
+    torch.manual_seed(42)
+    loader = torch.utils.data.DataLoader(data, batch_size=common.BATCH_SIZE, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=common.LEARNING_RATE)
+    model.train()
+    done = 0
+    while done < steps:
+        for input_ids, attention_mask, labels in loader:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            timer.mark()
+            done += 1
+            if done == steps:
+                break
+    return model.config, {"optimizer": "torch.optim.AdamW (defaults)"}
+
+
+def run_t5qa(model_dir: str, steps: int, work: Path, timer: common.StepTimer) -> Any:
+    from transformers import AutoConfig
+
+    from t5qa import train as t5qa_train
+    from t5qa.config import EncodeConfig, TrainConfig
+
+    cfg = TrainConfig(
+        model=model_dir,
+        train=str(common.TRAIN_FILE),
+        validation=str(common.DEV_FILE),
+        output=str(work / "t5qa-run"),
+        encode=EncodeConfig(max_source_tokens=common.MAX_SOURCE_TOKENS, max_target_tokens=common.MAX_TARGET_TOKENS),
+        train_batch_size=common.BATCH_SIZE,
+        learning_rate=common.LEARNING_RATE,
+        max_steps=steps,
+        # evaluation and checkpoints belong to fit() but not to the step rate: push them past the last step
+        # (fit still evaluates and saves once at the end, after the timed window)
+        eval_every_steps=steps + 1,
+        save_every_steps=steps + 1,
+        log_every_steps=1,
+    )
+    _mark_steps_via_optimizer(timer)
+    t5qa_train.fit(cfg)
+    return AutoConfig.from_pretrained(model_dir), {"t5qa_config": "defaults + the setting above"}
+
+
+def _mark_steps_via_optimizer(timer: common.StepTimer) -> None:
+    """Mark the end of each optimizer step from inside fit(), whatever optimizer class it builds.
+
+    torch.optim.Optimizer has global step post-hooks, which fire after every optimizer.step() of any optimizer,
+    so fit()'s loop stays untouched.
+    """
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: timer.mark())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impl", choices=IMPLS, required=True)
+    parser.add_argument("--model-dir", required=True, help="saved randomly initialised t5-small (bench/run.py makes it)")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps after the warm-up")
+    parser.add_argument("--out", required=True, help="result JSON path")
+    args = parser.parse_args()
+
+    common.set_threads()
+    logging.basicConfig(level=logging.WARNING)
+    from transformers import T5ForConditionalGeneration
+
+    counter = common.TokenCounter().install(T5ForConditionalGeneration)
+    timer = common.StepTimer()
+    total = args.warmup_steps + args.steps
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="t5qa-bench-train-") as tmp:
+        work = Path(tmp)
+        if args.impl == "trainer-default":
+            config, extra = run_trainer(args.model_dir, False, total, work, timer)
+        elif args.impl == "trainer-best":
+            config, extra = run_trainer(args.model_dir, True, total, work, timer)
+        elif args.impl == "plain-512":
+            config, extra = run_plain(args.model_dir, total, timer)
+        else:
+            config, extra = run_t5qa(args.model_dir, total, work, timer)
+    extra["wall_seconds_total"] = time.perf_counter() - started
+    result = common.train_result(args.impl, timer=timer, counter=counter, warmup_steps=args.warmup_steps,
+                                 model_config=config, extra=extra)
+    common.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""What every benchmark worker shares: the setting, the data, the model, timing and the result file.
+
+The setting (issue 5): the t5-small architecture, randomly initialised, with the real T5 tokenizer; TyDi QA
+gold passages (English); fp32; 2 threads; batch 8; source limit 384 tokens, target limit 30; prompts
+`question: ... context: ...`; greedy prediction of exactly 16 new tokens.
+
+Each worker runs in its own process (so peak RSS is its own) and writes one JSON result file that
+`bench/run.py` collects. This module must import neither t5qa nor anything heavy at import time: peers use
+only the libraries their users use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TOKENIZER_DIR = SHARED_DATA / "t5-small-tokenizer"
+TRAIN_FILE = SHARED_DATA / "tydiqa_goldp_en" / "english_tydiqa_train.json"
+DEV_FILE = SHARED_DATA / "tydiqa_goldp_en" / "english_tydiqa_dev.json"
+
+THREADS = 2
+BATCH_SIZE = 8
+MAX_SOURCE_TOKENS = 384
+MAX_TARGET_TOKENS = 30
+NEW_TOKENS = 16
+LEARNING_RATE = 3e-4
+PROMPT = "question: {question} context: {context}"
+
+
+def shared_data_missing() -> str | None:
+    """A one-line reason when the benchmark data is absent (on a user's machine), else None."""
+    for path in (TOKENIZER_DIR, TRAIN_FILE, DEV_FILE):
+        if not path.exists():
+            return f"{path} is absent: the benchmark needs ../shared/data (see its README.md)"
+    return None
+
+
+def set_threads() -> None:
+    """Pin torch to the benchmark's thread count (call before any torch work)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
+@dataclass(frozen=True)
+class QA:
+    id: str
+    question: str
+    context: str
+    answer: str
+
+
+def read_squad(path: Path) -> list[QA]:
+    """SQuAD v1.1 nested JSON -> one record per question, in file order, first answer as the target."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                rows.append(QA(qa["id"], qa["question"], paragraph["context"], qa["answers"][0]["text"]))
+    return rows
+
+
+def prompt(row: QA) -> str:
+    # run_seq2seq_qa.py builds " ".join(["question:", q.lstrip(), "context:", c.lstrip()]): the same string.
+    return PROMPT.format(question=row.question.lstrip(), context=row.context.lstrip())
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class TokenCounter:
+    """Counts the real (non-padding) tokens of every forward call of a seq2seq model, per call.
+
+    Installed on the model class, so it sees calls made inside any training loop (Trainer, Accelerate, t5qa)
+    without touching that loop. Each call appends a list of (source_tokens, target_tokens) per row.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, int]]] = []
+        self._original: Any = None
+        self._cls: Any = None
+
+    def install(self, cls: Any) -> "TokenCounter":
+        import torch
+
+        original = cls.forward
+        counter = self
+
+        @functools.wraps(original)  # keeps the signature: Trainer inspects it to pick dataset columns
+        def forward(model_self: Any, *args: Any, **kwargs: Any) -> Any:
+            mask = kwargs.get("attention_mask")
+            labels = kwargs.get("labels")
+            if model_self.training and mask is not None and labels is not None:
+                with torch.no_grad():
+                    src = mask.sum(dim=1).tolist()  # (batch,) real source tokens
+                    tgt = (labels != -100).sum(dim=1).tolist()  # (batch,) real target tokens
+                counter.calls.append(list(zip(src, tgt)))
+            return original(model_self, *args, **kwargs)
+
+        self._original, self._cls = original, cls
+        cls.forward = forward
+        return self
+
+
+class StepTimer:
+    """Wall-clock time at the end of each optimizer step; throughput over steps after the warm-up."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.start = time.perf_counter()
+
+    def mark(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def window(self, warmup_steps: int) -> tuple[int, float]:
+        """(timed steps, seconds) from the end of step `warmup_steps` to the end of the last step."""
+        timed = len(self.ends) - warmup_steps
+        if timed < 1:
+            raise RuntimeError(f"only {len(self.ends)} steps ran; need more than {warmup_steps} warm-up steps")
+        return timed, self.ends[-1] - self.ends[warmup_steps - 1]
+
+
+def train_result(
+    name: str,
+    *,
+    timer: StepTimer,
+    counter: TokenCounter,
+    warmup_steps: int,
+    model_config: Any,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Samples/s, real tokens/s and achieved (useful) FLOP/s of the timed steps of a training run."""
+    from flops import train_flops
+
+    timed_steps, seconds = timer.window(warmup_steps)
+    # One forward per optimizer step (no accumulation in this setting): calls[i] is step i's batch.
+    calls = counter.calls[warmup_steps:warmup_steps + timed_steps]
+    if len(calls) != timed_steps:
+        raise RuntimeError(f"{name}: saw {len(counter.calls)} forward calls for {len(timer.ends)} steps")
+    rows = [row for call in calls for row in call]
+    samples = len(rows)
+    flop = sum(train_flops(model_config, s, t) for s, t in rows)
+    result = {
+        "name": name,
+        "kind": "train",
+        "timed_steps": timed_steps,
+        "warmup_steps": warmup_steps,
+        "seconds": seconds,
+        "samples": samples,
+        "samples_per_second": samples / seconds,
+        "real_source_tokens_per_example": sum(s for s, _ in rows) / samples,
+        "real_target_tokens_per_example": sum(t for _, t in rows) / samples,
+        "useful_flop_per_second": flop / seconds,
+    }
+    result.update(extra or {})
+    return result
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import ctranslate2
+
+        out["ctranslate2"] = ctranslate2.__version__
+    except ImportError:
+        out["ctranslate2"] = "not installed"
+    return out
+
+
+def write_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
+    """Write a worker's result JSON, adding its peak RSS and command line."""
+    result = dict(result)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+
+

@@ -1,0 +1,228 @@
+"""From QA examples to model inputs: prompt template, tokenisation, long-context windows, collation.
+
+Shapes: a feature is one model input, {"input_ids": list[int] (<= max_source_tokens), "labels": list[int]
+(<= max_target_tokens, ends with </s>)}. The collator turns a list of features into padded tensors of shape
+(batch, longest_source_in_batch) and (batch, longest_target_in_batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from t5qa.config import NO_ANSWER_TEXT, EncodeConfig
+from t5qa.data import QAExample
+
+logger = logging.getLogger(__name__)
+
+# Tokens kept free in each window's budget, because a context slice tokenised inside the prompt can take a
+# token or two more than the same slice tokenised alone (word-boundary pieces).
+_WINDOW_MARGIN_TOKENS = 2
+
+
+def format_source(template: str, question: str, context: str) -> str:
+    """Fill the prompt template. Only the template is parsed, so braces in user text are safe."""
+    return template.format_map({"question": question, "context": context})
+
+
+@dataclass
+class Window:
+    """One model input for one (context, question) pair."""
+
+    input_ids: list[int]
+    context_char_start: int
+    context_char_end: int
+    window_index: int
+    num_windows: int
+
+
+def _context_spans(
+    tokenizer: Any, question: str, context: str, cfg: EncodeConfig
+) -> list[tuple[int, int]]:
+    """Character spans of the context, one per window, overlapping by cfg.stride_tokens tokens."""
+    empty_prompt = format_source(cfg.prompt_template, question, "")
+    fixed_tokens = len(tokenizer(empty_prompt)["input_ids"])  # prefix + suffix + </s>
+    budget = max(8, cfg.max_source_tokens - fixed_tokens - _WINDOW_MARGIN_TOKENS)
+    stride = min(cfg.stride_tokens, budget // 2)
+    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) <= budget:
+        return [(0, len(context))]
+    spans = []
+    start = 0
+    while True:
+        end = min(len(offsets), start + budget)
+        spans.append((offsets[start][0], offsets[end - 1][1]))
+        if end == len(offsets):
+            return spans
+        start = end - stride
+
+
+def encode_windows(tokenizer: Any, question: str, context: str, cfg: EncodeConfig) -> list[Window]:
+    """All model inputs needed to cover `context`: one when the prompt fits, else overlapping windows.
+
+    Args:
+        tokenizer: a transformers fast tokenizer.
+        question, context: the pair to encode.
+        cfg: prompt template, max_source_tokens, stride_tokens.
+    Returns:
+        Windows in context order; each input fits cfg.max_source_tokens.
+    """
+    whole = tokenizer(format_source(cfg.prompt_template, question, context))["input_ids"]
+    if len(whole) <= cfg.max_source_tokens:
+        return [Window(whole, 0, len(context), 0, 1)]
+    spans = _context_spans(tokenizer, question, context, cfg)
+    sources = [format_source(cfg.prompt_template, question, context[a:b]) for a, b in spans]
+    ids = tokenizer(sources, truncation=True, max_length=cfg.max_source_tokens)["input_ids"]
+    return [Window(list(i), a, b, k, len(spans)) for k, (i, (a, b)) in enumerate(zip(ids, spans))]
+
+
+@dataclass
+class EncodeStats:
+    """What encoding did to a dataset, for the run summary."""
+
+    examples: int = 0
+    needed_window: int = 0
+    """Examples whose prompt was longer than max_source_tokens (trained on the window holding the answer)."""
+    answer_outside_every_window: int = 0
+    """Answerable examples whose answer lies in no window (answer not found in the context)."""
+    truncated_targets: int = 0
+    """Answers longer than max_target_tokens (their labels were cut)."""
+
+
+def _answer_span(example: QAExample) -> tuple[int, int] | None:
+    if not example.answers:
+        return None
+    start = example.answer_starts[0] if example.answer_starts else -1
+    if start < 0:
+        start = example.context.find(example.answers[0])
+    if start < 0:
+        return None
+    return start, start + len(example.answers[0])
+
+
+def encode_for_training(
+    examples: Sequence[QAExample], tokenizer: Any, cfg: EncodeConfig
+) -> tuple[list[dict[str, Any]], EncodeStats]:
+    """One training feature per example; a long context is cut to the window that holds the answer.
+
+    Tokenises in batches (the fast tokenizer's Rust loop) and only re-tokenises the long contexts.
+    """
+    stats = EncodeStats(examples=len(examples))
+    sources = [format_source(cfg.prompt_template, ex.question, ex.context) for ex in examples]
+    targets = [ex.answers[0] if ex.answers else NO_ANSWER_TEXT for ex in examples]
+    source_ids = tokenizer(sources)["input_ids"] if sources else []
+    target_ids = tokenizer(text_target=targets)["input_ids"] if targets else []
+    features: list[dict[str, Any]] = []
+    for index, (ex, src, tgt) in enumerate(zip(examples, source_ids, target_ids)):
+        if len(src) > cfg.max_source_tokens:
+            stats.needed_window += 1
+            src = _window_holding_answer(ex, tokenizer, cfg, stats)
+        if len(tgt) > cfg.max_target_tokens:
+            stats.truncated_targets += 1
+            tgt = list(tgt[: cfg.max_target_tokens - 1]) + [tokenizer.eos_token_id]
+        features.append({"input_ids": list(src), "labels": list(tgt), "example_index": index})
+    if stats.needed_window:
+        logger.info("%d of %d examples exceeded %d source tokens; trained on the window holding the answer",
+                    stats.needed_window, stats.examples, cfg.max_source_tokens)
+    return features, stats
+
+
+def _window_holding_answer(ex: QAExample, tokenizer: Any, cfg: EncodeConfig, stats: EncodeStats) -> list[int]:
+    spans = _context_spans(tokenizer, ex.question, ex.context, cfg)
+    answer = _answer_span(ex)
+    chosen = spans[0]
+    if answer is not None:
+        inside = [s for s in spans if s[0] <= answer[0] and answer[1] <= s[1]]
+        if inside:
+            # The window in which the answer sits most centrally gives the model context on both sides.
+            middle = (answer[0] + answer[1]) / 2
+            chosen = min(inside, key=lambda s: abs((s[0] + s[1]) / 2 - middle))
+        else:
+            stats.answer_outside_every_window += 1
+    elif ex.answers:
+        stats.answer_outside_every_window += 1
+    source = format_source(cfg.prompt_template, ex.question, ex.context[chosen[0]:chosen[1]])
+    return tokenizer(source, truncation=True, max_length=cfg.max_source_tokens)["input_ids"]
+
+
+def make_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> Callable[[list[dict]], dict]:
+    """A collate function with dynamic padding: pad to the longest sequence in the batch, labels with -100.
+
+    Written here instead of DataCollatorForSeq2Seq because features are already token ids: filling two
+    preallocated tensors is several times cheaper per batch than tokenizer.pad's per-example Python work.
+    """
+    pad_id = tokenizer.pad_token_id
+
+    def round_up(n: int) -> int:
+        if pad_to_multiple_of:
+            return -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        return n
+
+    def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        batch_size = len(features)
+        source_len = round_up(max(len(f["input_ids"]) for f in features))
+        input_ids = torch.full((batch_size, source_len), pad_id, dtype=torch.long)  # (batch, source_len)
+        attention_mask = torch.zeros((batch_size, source_len), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "labels" in features[0]:
+            target_len = round_up(max(len(f["labels"]) for f in features))
+            labels = torch.full((batch_size, target_len), -100, dtype=torch.long)  # (batch, target_len)
+            for row, f in enumerate(features):
+                labels[row, : len(f["labels"])] = torch.as_tensor(f["labels"], dtype=torch.long)
+            batch["labels"] = labels
+        if "example_index" in features[0]:
+            batch["example_index"] = torch.as_tensor([f["example_index"] for f in features], dtype=torch.long)
+        return batch
+
+    return collate
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Random order, but each run of `batch_size` indices has similar lengths, so padding wastes little.
+
+    Indices are shuffled, cut into mega-batches of `batch_size * group_batches`, each sorted by length and
+    cut into batches; the batch order is shuffled again. The order depends only on (seed, epoch), which is
+    what makes resuming mid-epoch exact.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, group_batches: int = 50,
+                 shuffle: bool = True) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_batches = group_batches
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order __iter__ yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        indices = list(range(len(self.lengths)))
+        if self.shuffle:
+            rng.shuffle(indices)
+        mega = self.batch_size * self.group_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(indices), mega):
+            group = sorted(indices[start:start + mega], key=lambda i: -self.lengths[i])
+            batches.extend(group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size))
+        if self.shuffle:
+            rng.shuffle(batches)
+        # At most one batch is short (the tail); keep it last so the DataLoader's consecutive chunks of
+        # batch_size indices stay aligned with these length groups.
+        batches.sort(key=lambda b: len(b) < self.batch_size)
+        for batch in batches:
+            yield from batch
