@@ -114,23 +114,31 @@ class TokenCounter:
         cls.forward = forward
         return self
 
+    def uninstall(self) -> None:
+        """Restore the model class's own forward."""
+        if self._cls is not None:
+            self._cls.forward = self._original
+            self._cls = None
+
 
 class StepTimer:
-    """Wall-clock time at the end of each optimizer step; throughput over steps after the warm-up."""
+    """Wall-clock and CPU time at the end of each optimizer step; throughput over steps after the warm-up."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
-        self.start = time.perf_counter()
+        self.cpu_ends: list[float] = []
 
     def mark(self) -> None:
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())  # user + system time of all this process's threads
 
-    def window(self, warmup_steps: int) -> tuple[int, float]:
-        """(timed steps, seconds) from the end of step `warmup_steps` to the end of the last step."""
+    def window(self, warmup_steps: int) -> tuple[int, float, float]:
+        """(timed steps, wall seconds, CPU seconds) from the end of step `warmup_steps` to the last step."""
         timed = len(self.ends) - warmup_steps
-        if timed < 1:
-            raise RuntimeError(f"only {len(self.ends)} steps ran; need more than {warmup_steps} warm-up steps")
-        return timed, self.ends[-1] - self.ends[warmup_steps - 1]
+        if timed < 1 or warmup_steps < 1:
+            raise RuntimeError(f"{len(self.ends)} steps ran; need at least 1 warm-up step and 1 timed step")
+        return (timed, self.ends[-1] - self.ends[warmup_steps - 1],
+                self.cpu_ends[-1] - self.cpu_ends[warmup_steps - 1])
 
 
 def train_result(
@@ -145,7 +153,7 @@ def train_result(
     """Samples/s, real tokens/s and achieved (useful) FLOP/s of the timed steps of a training run."""
     from flops import train_flops
 
-    timed_steps, seconds = timer.window(warmup_steps)
+    timed_steps, seconds, cpu_seconds = timer.window(warmup_steps)
     # One forward per optimizer step (no accumulation in this setting): calls[i] is step i's batch.
     calls = counter.calls[warmup_steps:warmup_steps + timed_steps]
     if len(calls) != timed_steps:
@@ -164,6 +172,8 @@ def train_result(
         "real_source_tokens_per_example": sum(s for s, _ in rows) / samples,
         "real_target_tokens_per_example": sum(t for _, t in rows) / samples,
         "useful_flop_per_second": flop / seconds,
+        # CPU seconds per wall second: about THREADS when the process had its cores, less when it was starved
+        "cpu_per_wall": cpu_seconds / seconds,
     }
     result.update(extra or {})
     return result
@@ -187,6 +197,7 @@ def write_result(path: str | os.PathLike, result: dict[str, Any]) -> None:
     """Write a worker's result JSON, adding its peak RSS and command line."""
     result = dict(result)
     result["peak_rss_mb"] = peak_rss_mb()
+    result["load_average_at_end"] = os.getloadavg()[0]
     result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     Path(path).write_text(json.dumps(result, indent=2), encoding="utf-8")
 

@@ -37,9 +37,9 @@ def convert_ct2(model_dir: Path, output: Path, quantization: str) -> str:
         from t5qa import export
     except ImportError:
         export = None
-    if export is not None and hasattr(export, "export_ctranslate2"):
-        export.export_ctranslate2(model_dir, output, quantization=quantization)
-        return "t5qa.export.export_ctranslate2"
+    if export is not None and hasattr(export, "export_ct2"):
+        export.export_ct2(model_dir, output, quantization=quantization, force=True)
+        return "t5qa.export.export_ct2"
     import ctranslate2
 
     ctranslate2.converters.TransformersConverter(str(model_dir)).convert(str(output), quantization=quantization)
@@ -64,6 +64,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - reported, the CT2 benchmarks are then skipped
                 info[f"ct2_{quant}_error"] = f"{type(exc).__name__}: {exc}"
                 info.pop(f"ct2_{quant}")
+    info["versions"] = common.versions()
     info["config"] = json.loads((output / "config.json").read_text())
     common.write_result(args.out, info)
 

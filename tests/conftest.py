@@ -79,6 +79,11 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     torch.manual_seed(0)
     config = T5Config(vocab_size=len(tiny_tokenizer), **PRESETS["tiny"])
     model = T5ForConditionalGeneration(config)
+    # T5 ties its output layer to the embeddings, so an untrained model predicts its start token (<pad>)
+    # forever and answers "" to everything, which would let answer-equality tests pass vacuously. A zero
+    # <pad> embedding makes it answer varied, non-empty text.
+    with torch.no_grad():
+        model.shared.weight[tiny_tokenizer.pad_token_id] = 0
     ensure_generation_ids(model, tiny_tokenizer)
     out = tmp_path_factory.mktemp("models") / "tiny"
     meta = {"prompt_template": "question: {question} context: {context}", "max_source_tokens": 128,

@@ -70,7 +70,9 @@ def test_normalize_answer_applies_each_squad_rule(text: str, expected: str) -> N
         ("Paris", "Paris", 1.0, 1.0),                         # a bare string is one reference, not characters
     ],
 )
-def test_exact_match_and_f1_hand_computed(prediction: str, references: list[str], em: float, f1_expected: float) -> None:
+def test_exact_match_and_f1_hand_computed(
+    prediction: str, references: list[str], em: float, f1_expected: float
+) -> None:
     assert exact_match(prediction, references) == em
     assert f1(prediction, references) == pytest.approx(f1_expected, abs=1e-12)
 

@@ -25,7 +25,7 @@ import random
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,11 +142,18 @@ def _parse_json(path: Path, text: str) -> Any:
             f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}; fix the file there "
             "(a JSON-lines file needs one complete object per line)"
         ) from None
+    except (ValueError, RecursionError) as exc:  # numbers over 4300 digits; nesting deeper than Python's stack
+        raise DataError(f"{path}: unreadable JSON ({_short(exc)}); QA data needs no such values, fix the file") from None
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).split(";")[0][:120]
 
 
 def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a JSON line: str.splitlines() would also split at U+2028 and friends inside strings.
+    for line_number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -156,6 +163,8 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int, Any]]:
                 f"{path}: line {line_number}, column {exc.colno}: invalid JSON ({exc.msg}); "
                 "each line of a JSON-lines file must be one complete JSON object"
             ) from None
+        except (ValueError, RecursionError) as exc:
+            raise DataError(f"{path}: line {line_number}: unreadable JSON ({_short(exc)}); fix that line") from None
         if not isinstance(record, dict):
             raise DataError(
                 f"{path}: line {line_number}: expected a JSON object with named fields, got {type(record).__name__}"
@@ -171,7 +180,7 @@ def _is_hf_disk(path: Path) -> bool:
 
 
 def _looks_like_jsonl(text: str) -> bool:
-    lines = [line for line in text.splitlines()[:3] if line.strip()]
+    lines = [line for line in text.split("\n", 3)[:3] if line.strip()]
     if len(lines) < 2:
         return False
     try:
@@ -211,6 +220,8 @@ def _detect(path: Path) -> tuple[str, Any]:
             return "jsonl", text
         obj = _parse_json(path, text)
         shape = _json_shape(obj)
+        if shape is None and isinstance(obj, dict) and "\n" not in text.strip():
+            return "jsonl", text  # a JSON-lines file holding a single record
         if shape is None:
             raise DataError(
                 f"{path}: JSON of an unknown shape (top level {type(obj).__name__}); expected SQuAD "
@@ -257,11 +268,11 @@ def _literal(text: str) -> Any:
     """Parse a JSON-ish literal ("['a', 'b']", '["a"]', "{'text': [...]}"), or None when it is not one."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return None
 
 
@@ -270,7 +281,7 @@ def _as_start(value: Any) -> int:
         return -1
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: 1e999 parses as infinity
         return -1
 
 
@@ -335,6 +346,13 @@ def _first_start(starts: Any) -> int:
     return _as_start(starts)
 
 
+def _id_text(value: Any) -> str:
+    try:
+        return str(value)
+    except ValueError:  # an integer id too long to print (over 4300 digits)
+        return f"<id of {value.bit_length()} bits>" if isinstance(value, int) else repr(value)[:50]
+
+
 def _text(value: Any) -> str:
     if _is_missing(value):
         return ""
@@ -379,6 +397,9 @@ def _records_to_examples(
     rows: Iterable[tuple[str, dict[str, Any]]], columns: Sequence[str], config: DataConfig, where: str
 ) -> list[QAExample]:
     """Build examples from (location, record) pairs; `location` is e.g. "row 5 (line 6)" or "line 3"."""
+    rows = list(rows)
+    if not rows:
+        return []  # reported as an empty dataset, which says more than "no context column"
     cols = _resolve_columns(columns, config, where)
     no_answer = frozenset(config.no_answer_values)
     c_ctx, c_q, c_a, c_id, c_start = cols["context"], cols["question"], cols["answer"], cols["id"], cols["start"]
@@ -388,7 +409,7 @@ def _records_to_examples(
         raw_id = row.get(c_id) if c_id else None
         examples.append(
             QAExample(
-                id=str(number) if _is_missing(raw_id) or raw_id == "" else str(raw_id),
+                id=str(number) if _is_missing(raw_id) or raw_id == "" else _id_text(raw_id),
                 context=_text(row.get(c_ctx)),
                 question=_text(row.get(c_q)),
                 answers=texts,
@@ -539,7 +560,7 @@ def _read_squad(path: Path, obj: Any) -> list[QAExample]:
                 raw_id = qa.get("id")
                 examples.append(
                     QAExample(
-                        id=f"{a}-{p}-{q}" if _is_missing(raw_id) or raw_id == "" else str(raw_id),
+                        id=f"{a}-{p}-{q}" if _is_missing(raw_id) or raw_id == "" else _id_text(raw_id),
                         context=context,
                         question=_text(qa["question"]),
                         answers=texts,
@@ -653,7 +674,7 @@ def load_examples(source: str | Path | Any, config: DataConfig | None = None) ->
         raise DataError(f"{path}: no such file or directory; check the path")
     detected, parsed = (None, None) if fmt in ("parquet", "hf", "hf_disk") else _detect(path)
     fmt = fmt or detected
-    logger.info("reading %s as %s", path, fmt)
+    logger.debug("reading %s as %s", path, fmt)
     if fmt in ("hf", "hf_disk"):
         return _load_hf_disk(path, config)
     if fmt == "parquet":
@@ -680,12 +701,24 @@ def load_examples(source: str | Path | Any, config: DataConfig | None = None) ->
 # -------------------------------------------------------------------------------------------------- cleaning
 
 
+# Lone UTF-16 surrogates (from JSON escapes such as "\\ud800") cannot be written as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _fix_surrogates(text: str) -> tuple[str, bool]:
+    """Replace lone surrogates with U+FFFD (same length, so offsets stay valid)."""
+    if _SURROGATE.search(text) is None:
+        return text, False
+    return _SURROGATE.sub("\ufffd", text), True
+
+
 class _Normalised:
     """A context after NFC and whitespace normalisation, with a map from old to new character offsets."""
 
-    __slots__ = ("original", "nfc", "text", "nfc_changed", "_run_ends", "_removed", "_squeezed")
+    __slots__ = ("original", "nfc", "text", "nfc_changed", "surrogates", "_run_ends", "_removed", "_squeezed")
 
     def __init__(self, original: str) -> None:
+        original, self.surrogates = _fix_surrogates(original)
         self.original = original
         self.nfc_changed = not unicodedata.is_normalized("NFC", original)
         self.nfc = unicodedata.normalize("NFC", original) if self.nfc_changed else original
@@ -728,7 +761,8 @@ class _Normalised:
 
 
 def _normalise_text(text: str) -> tuple[str, bool, bool]:
-    """(normalised text, NFC changed it, whitespace normalisation changed it)."""
+    """(normalised text, NFC (or a surrogate fix) changed it, whitespace normalisation changed it)."""
+    text, _ = _fix_surrogates(text)
     nfc = unicodedata.normalize("NFC", text)
     collapsed = " ".join(nfc.split())
     return collapsed, nfc != text, collapsed != nfc
@@ -820,6 +854,8 @@ def clean_examples(
             not_found |= new_start == -1
             answers.append(answer)
             starts.append(new_start)
+        if norm.surrogates or any(_SURROGATE.search(t) for t in (ex.id, ex.question, *ex.answers)):
+            report._count(report.normalised, "lone_surrogate_replaced", ex)
         if nfc_changed:
             report._count(report.normalised, "unicode_nfc", ex)
         if ws_changed:
@@ -848,13 +884,14 @@ def clean_examples(
         ):
             if happened:
                 report._count(bucket, reason, ex)
-        new_id = ex.id
+        base_id = _fix_surrogates(ex.id)[0]
+        new_id = base_id
         if new_id in ids:
-            ids[new_id] += 1
-            new_id = f"{ex.id}-{ids[ex.id]}"
+            ids[base_id] += 1
+            new_id = f"{base_id}-{ids[base_id]}"
             while new_id in ids:  # the renamed id may itself be taken
-                ids[ex.id] += 1
-                new_id = f"{ex.id}-{ids[ex.id]}"
+                ids[base_id] += 1
+                new_id = f"{base_id}-{ids[base_id]}"
             report._count(report.normalised, "duplicate_id_renamed", ex)
         ids.setdefault(new_id, 1)
         kept.append(QAExample(new_id, context, question, tuple(answers), tuple(starts), ex.source))
@@ -872,17 +909,18 @@ def _flag_long_answers(examples: list[QAExample], tokenizer: Any, max_answer_tok
     if not texts:
         return
     # Labels carry the end-of-sequence token, so count with special tokens, as training does.
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]]
     too_long = sorted({owners[i] for i, n in enumerate(lengths) if n > max_answer_tokens})
     for i in too_long:
         report._count(report.flagged, "answer_too_long", examples[i])
 
 
 def _log_report(report: CleaningReport) -> None:
+    logger.info("cleaning: %d examples in, %d out", report.total_in, report.total_out)
     for name, bucket in (("dropped", report.dropped), ("flagged", report.flagged),
                          ("normalised", report.normalised)):
         for reason, count in sorted(bucket.items()):
-            logger.info("cleaning: %s %d example(s): %s", name, count, reason)
+            logger.debug("cleaning: %s %d example(s): %s", name, count, reason)
 
 
 def load_dataset(source: str | Path | Any, config: DataConfig | None = None, *,
@@ -968,15 +1006,6 @@ def write_jsonl(examples: Iterable[QAExample], path: str | Path) -> None:
             row = {"id": ex.id, "context": ex.context, "question": ex.question,
                    "answers": list(ex.answers), "answer_starts": list(ex.answer_starts)}
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def iter_contexts(examples: Iterable[QAExample]) -> Iterator[str]:
-    """Distinct contexts in first-seen order."""
-    seen: set[str] = set()
-    for ex in examples:
-        if ex.context not in seen:
-            seen.add(ex.context)
-            yield ex.context
 
 
 def sample_data_path(language: str = "en") -> Path:

@@ -208,14 +208,18 @@ def token_accuracy(predicted_ids: Any, labels: Any, ignore_index: int = -100) ->
         pred = torch.as_tensor(predicted_ids)
         gold = torch.as_tensor(labels, device=pred.device)
         if pred.shape != gold.shape:
-            raise ValueError(f"token_accuracy: predicted_ids shape {tuple(pred.shape)} != labels shape {tuple(gold.shape)}")
+            raise ValueError(
+                f"token_accuracy: predicted_ids shape {tuple(pred.shape)} != labels shape {tuple(gold.shape)}"
+            )
         mask = gold != ignore_index
         return int((pred.eq(gold) & mask).sum().item()), int(mask.sum().item())
 
     pred_flat = list(_flatten(predicted_ids))
     gold_flat = list(_flatten(labels))
     if _shape(predicted_ids) != _shape(labels):
-        raise ValueError(f"token_accuracy: predicted_ids shape {_shape(predicted_ids)} != labels shape {_shape(labels)}")
+        raise ValueError(
+            f"token_accuracy: predicted_ids shape {_shape(predicted_ids)} != labels shape {_shape(labels)}"
+        )
     counted = correct = 0
     for p, g in zip(pred_flat, gold_flat):
         if g == ignore_index:

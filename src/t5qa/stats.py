@@ -82,7 +82,8 @@ def _split_template(template: str, question: str) -> tuple[str, str]:
 def _batched(tokenizer: Any, texts: list[str], **kwargs: Any) -> dict[str, list]:
     out: dict[str, list] = {}
     for i in range(0, len(texts), _TOKENIZE_BATCH):
-        encoded = tokenizer(texts[i : i + _TOKENIZE_BATCH], **kwargs)
+        # verbose=False: lengths over model_max_length are what we measure, not a mistake to warn about.
+        encoded = tokenizer(texts[i : i + _TOKENIZE_BATCH], verbose=False, **kwargs)
         for key in encoded:
             out.setdefault(key, []).extend(encoded[key])
     return out

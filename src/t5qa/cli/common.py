@@ -35,16 +35,20 @@ def _flag_fields(cls: type) -> list[tuple[str, Any, str, Any]]:
     """(name, annotation, help, default) for every scalar field, nested dataclasses flattened."""
     hints = typing.get_type_hints(cls)
     out = []
+    nested = []
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
         if dataclasses.is_dataclass(annotation):
-            out.extend(_flag_fields(annotation))
+            nested.extend(_flag_fields(annotation))
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         out.append((f.name, annotation, docs.get(f.name, ""), default))
-    return out
+    # A nested field with the same name as an outer one (DataConfig.seed vs TrainConfig.seed) is set through
+    # the outer flag; one flag per name.
+    own = {name for name, *_ in out}
+    return out + [entry for entry in nested if entry[0] not in own]
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, exclude: Iterable[str] = (),

@@ -1,0 +1,332 @@
+"""Run every t5qa benchmark against its peers, one process at a time, and write bench/RESULTS.md.
+
+    .venv/bin/python bench/run.py --quick     # a few minutes on a quiet 2-core machine: checks the harness
+    .venv/bin/python bench/run.py             # the full run (about 20-30 minutes on 2 cores)
+
+Each benchmark runs in its own subprocess, sequentially, so they never compete for the cores and each peak
+RSS is that benchmark's own. The machine is shared, so the report gives ratios measured in the same run, and
+beside each figure the CPU seconds the process got per wall second (2.0 = both cores all the time).
+The script reports; it does not assert: it exits 0 when a target is missed, and when ../shared/data is absent
+it says so and exits 0 without running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+TRAIN_IMPLS = ("trainer-best", "t5qa", "trainer-default", "plain-512")
+PREDICT_IMPLS = ("generate-16", "t5qa-torch", "t5qa-ct2-int8", "t5qa-ct2-float32", "generate-1")
+# Implementations whose batches all have the same shape (everything padded to a fixed length): their step time
+# does not depend on which examples are drawn, so fewer timed steps give an unbiased rate.
+FIXED_SHAPE = ("trainer-default", "plain-512")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    warmup_steps: int
+    timed_steps: int          # for dynamically padded loops (t5qa, trainer-best)
+    timed_steps_fixed: int    # for loops that pad every batch to the same shape
+    questions: int
+    profile: bool
+
+
+QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questions=24, profile=False)
+# 100 timed steps = two of the Trainer's 50-batch length groups, so its longest-first order inside each group
+# averages out (its warm-up skips the longest batches of the first group; the window ends with those of the
+# third); t5qa shuffles its batches, so any window is a fair sample.
+FULL = Mode("full", warmup_steps=2, timed_steps=100, timed_steps_fixed=10, questions=440, profile=True)
+
+TARGETS = {
+    "train_vs_trainer_best": 1.3,
+    "train_vs_trainer_default": 3.0,
+    "mfu": 0.5,
+    "predict_torch_vs_generate16": 1.5,
+    "predict_ct2_int8_vs_generate16": 3.0,
+}
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_VERBOSITY"] = "error"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.REPO_ROOT / "src"), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_worker(script: str, args: list[str], out: Path, timeout_s: int) -> dict[str, Any]:
+    """Run one benchmark process; its result dict, or {"error": ...} when it failed."""
+    command = [sys.executable, str(HERE / script), *args, "--out", str(out)]
+    shown = " ".join(["python", f"bench/{script}", *args])
+    print(f"[bench] {shown}", flush=True)
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run(command, env=worker_env(), cwd=common.REPO_ROOT, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s", "command": shown}
+    wall = time.perf_counter() - started
+    if proc.returncode != 0 or not out.is_file():
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        if "No module named 't5qa" in proc.stderr:
+            tail = ["t5qa: not available (" + tail[0] + ")"]
+        print(f"[bench]   failed: {tail[0]}", flush=True)
+        (out.with_suffix(".stderr.txt")).write_text(proc.stderr, encoding="utf-8")
+        return {"error": tail[0], "command": shown, "process_seconds": wall}
+    result = json.loads(out.read_text(encoding="utf-8"))
+    result["command"] = shown
+    result["process_seconds"] = wall
+    print(f"[bench]   done in {wall:.0f} s", flush=True)
+    return result
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    if "error" in a or "error" in b or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def verdict(value: float | None, target: float, *, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "n/a (a benchmark did not run)"
+    ok = value >= target if higher_is_better else value <= target
+    if ok:
+        return "PASS"
+    if higher_is_better:
+        return f"MISS (by {100 * (target - value) / target:.0f}%: {value:.2f} vs {target:.2f})"
+    return f"MISS (by {100 * (value - target) / target:.0f}%: {value:.2f} vs {target:.2f})"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def agreement(a: dict[str, Any], b: dict[str, Any]) -> str:
+    if "answers" not in a or "answers" not in b:
+        return "–"
+    same = sum(x == y for x, y in zip(a["answers"], b["answers"]))
+    return f"{same}/{len(a['answers'])}"
+
+
+def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], argv: list[str],
+                 started: datetime.datetime, wall_s: float) -> None:
+    mm0, mm1 = results.get("matmul-start", {}), results.get("matmul-end", {})
+    peak = max((m.get("flop_per_second", 0.0) for m in (mm0, mm1)), default=0.0) or None
+    lines: list[str] = []
+    add = lines.append
+    versions = results.get("versions", {})
+    add("# t5qa benchmark results")
+    add("")
+    add(f"- date: {started:%Y-%m-%d %H:%M} (UTC{started:%z}), mode: **{mode.name}**, total wall time {wall_s / 60:.1f} min")
+    add(f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs; benchmarks use {common.THREADS} threads; "
+        f"load average at start {results.get('load_start', 0):.1f}, at end {os.getloadavg()[0]:.1f} "
+        "(other jobs share this machine: read ratios, not absolute times)")
+    add("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    add(f"- command: `python bench/{' '.join(['run.py', *argv])}`")
+    add(f"- setting: t5-small shapes, random init, real T5 tokenizer; TyDi QA GoldP English; fp32; batch "
+        f"{common.BATCH_SIZE}; source <= {common.MAX_SOURCE_TOKENS} tokens, target <= {common.MAX_TARGET_TOKENS}; "
+        f"greedy, exactly {common.NEW_TOKENS} new tokens per answer")
+    made = results.get("make_model", {})
+    add(f"- model: made by {made.get('made_by', '?')}; CTranslate2 exports by {made.get('ct2_int8_by', '?')}")
+    if mode.name == "quick":
+        add("- **quick mode: a handful of steps and questions; ratios are indicative only.** With so few steps "
+            "the Trainer's group_by_length sampler is timed on the longest batches of its first length group "
+            "(it puts them first), which understates its rate; run the full mode for figures to quote.")
+    add("")
+
+    add("## Targets")
+    add("")
+    train, pred = {k: results.get(k, {"error": "not run"}) for k in TRAIN_IMPLS}, {
+        k: results.get(k, {"error": "not run"}) for k in PREDICT_IMPLS}
+    t5 = train["t5qa"]
+    mfu = t5["useful_flop_per_second"] / peak if "error" not in t5 and peak else None
+    rss_ratio = (t5["peak_rss_mb"] / train["trainer-best"]["peak_rss_mb"]
+                 if "error" not in t5 and "error" not in train["trainer-best"] else None)
+    rows = [
+        ("training samples/s, t5qa / Trainer best flags", ratio(t5, train["trainer-best"], "samples_per_second"),
+         TARGETS["train_vs_trainer_best"], True, "x"),
+        ("training samples/s, t5qa / Trainer defaults", ratio(t5, train["trainer-default"], "samples_per_second"),
+         TARGETS["train_vs_trainer_default"], True, "x"),
+        ("training model FLOP utilisation (useful FLOP/s / matmul FLOP/s)", mfu, TARGETS["mfu"], True, "%"),
+        ("prediction questions/s, t5qa torch / generate batch 16",
+         ratio(pred["t5qa-torch"], pred["generate-16"], "questions_per_second"),
+         TARGETS["predict_torch_vs_generate16"], True, "x"),
+        ("prediction questions/s, t5qa CTranslate2 int8 / generate batch 16",
+         ratio(pred["t5qa-ct2-int8"], pred["generate-16"], "questions_per_second"),
+         TARGETS["predict_ct2_int8_vs_generate16"], True, "x"),
+        ("training peak RSS, t5qa / Trainer best flags", rss_ratio, 1.0, False, "x"),
+    ]
+    add("| target | measured | required | verdict |")
+    add("|---|---|---|---|")
+    for name, value, target, higher, unit in rows:
+        shown = fmt(100 * value, 0) + "%" if unit == "%" and value is not None else fmt(value) + ("x" if value is not None else "")
+        need = (f">= {100 * target:.0f}%" if unit == "%" else (f">= {target}x" if higher else f"<= {target}x"))
+        add(f"| {name} | {shown} | {need} | {verdict(value, target, higher_is_better=higher)} |")
+    add("")
+
+    add("## Machine: fp32 matmul rate (torch.matmul, square matrices, best of several)")
+    add("")
+    for label, mm in (("start of run", mm0), ("end of run", mm1)):
+        if "error" in mm or not mm:
+            add(f"- {label}: {mm.get('error', 'not run')}")
+        else:
+            sizes = ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in mm["per_size"].items())
+            add(f"- {label}: **{mm['flop_per_second'] / 1e9:.1f} GFLOP/s** (per size, GFLOP/s: {sizes})")
+    add(f"- MFU below divides by the better of the two: {fmt(peak / 1e9 if peak else None, 1)} GFLOP/s")
+    add("")
+
+    add("## Training (samples/s over the timed steps, after warm-up)")
+    add("")
+    add("| implementation | samples/s | vs t5qa | timed steps | real source / target tokens per example | "
+        "useful GFLOP/s | MFU | CPU s per wall s | peak RSS (MiB) |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    for name in TRAIN_IMPLS:
+        r = train[name]
+        if "error" in r:
+            add(f"| {name} | {r['error']} | | | | | | | |")
+            continue
+        rel = ratio(t5, r, "samples_per_second")
+        add(f"| {name} | {r['samples_per_second']:.3f} | {fmt(rel)}x | {r['timed_steps']} | "
+            f"{r['real_source_tokens_per_example']:.0f} / {r['real_target_tokens_per_example']:.1f} | "
+            f"{r['useful_flop_per_second'] / 1e9:.1f} | {fmt(100 * r['useful_flop_per_second'] / peak if peak else None, 0)}% | "
+            f"{r['cpu_per_wall']:.2f} | {r['peak_rss_mb']:.0f} |")
+    add("")
+    add("*vs t5qa* is t5qa's samples/s divided by this row's. Useful FLOPs count only real (non-padding) tokens "
+        "(bench/flops.py; it matches torch.utils.flop_counter exactly on T5), so padding earns no credit. "
+        "trainer-default and plain-512 pad every batch to one shape, so their step time does not depend on the "
+        "examples drawn and fewer timed steps suffice.")
+    add("")
+
+    add("## Prediction (questions/s, same first N dev questions, exactly 16 new tokens each)")
+    add("")
+    add("| implementation | questions | questions/s | t5qa torch vs this | model inputs | CPU s per wall s | "
+        "peak RSS (MiB) | same answers as generate-16 |")
+    add("|---|---|---|---|---|---|---|---|")
+    base = pred["generate-16"]
+    for name in PREDICT_IMPLS:
+        r = pred[name]
+        if "error" in r:
+            add(f"| {name} | {r['error']} | | | | | | |")
+            continue
+        rel = ratio(pred["t5qa-torch"], r, "questions_per_second")
+        add(f"| {name} | {r['questions']} | {r['questions_per_second']:.3f} | {fmt(rel)}x | "
+            f"{r.get('model_inputs', r['questions'])} | {r['cpu_per_wall']:.2f} | {r['peak_rss_mb']:.0f} | "
+            f"{agreement(r, base)} |")
+    add("")
+    add("*model inputs* exceeds *questions* when t5qa cuts a context longer than 384 tokens into windows (the "
+        "peers truncate it instead, and may lose the answer). A random model's greedy output is mostly padding "
+        "tokens, so the answer texts are often empty; the agreement column checks that the backends decode the "
+        "same tokens (int8 may differ).")
+    add("")
+
+    profile = HERE / "PROFILE.md"
+    add("## Where the t5qa training step spends its time")
+    add("")
+    if profile.is_file():
+        add(profile.read_text(encoding="utf-8").strip().split("\n", 1)[1].strip())
+    else:
+        add("Not profiled yet: run `python bench/profile_train.py` (writes bench/PROFILE.md).")
+    add("")
+
+    add("## Commands (each in its own process, in this order)")
+    add("")
+    for name, r in results.items():
+        if isinstance(r, dict) and "command" in r:
+            add(f"- `{r['command']}` ({r.get('process_seconds', 0):.0f} s)")
+    add("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few steps and questions: checks the harness")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names to run (default: all)")
+    parser.add_argument("--output", default=str(HERE / "RESULTS.md"), help="report path")
+    parser.add_argument("--json", default=str(HERE / "results.json"), help="raw results path")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per benchmark process")
+    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    missing = common.shared_data_missing()
+    if missing:
+        print(f"[bench] skipped: {missing}")
+        return 0
+    mode = QUICK if args.quick else FULL
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    wanted = lambda name: not only or name in only  # noqa: E731
+    started = datetime.datetime.now().astimezone()
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"load_start": os.getloadavg()[0]}
+    with tempfile.TemporaryDirectory(prefix="t5qa-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = work / "model"
+        made = run_worker("make_model.py", ["--output", str(model_dir), "--ct2"], work / "make_model.json",
+                          args.timeout)
+        results["make_model"] = made
+        if "error" in made:
+            print(f"[bench] cannot create the benchmark model: {made['error']}")
+            return 0
+        results["versions"] = made.get("versions", {})
+        results["matmul-start"] = run_worker("bench_matmul.py", [], work / "matmul-start.json", args.timeout)
+        for impl in TRAIN_IMPLS:
+            if not wanted(impl):
+                continue
+            steps = mode.timed_steps_fixed if impl in FIXED_SHAPE else mode.timed_steps
+            results[impl] = run_worker("bench_train.py", ["--impl", impl, "--model-dir", str(model_dir),
+                                                          "--warmup-steps", str(mode.warmup_steps),
+                                                          "--steps", str(steps)], work / f"{impl}.json",
+                                       args.timeout)
+        for impl in PREDICT_IMPLS:
+            if not wanted(impl):
+                continue
+            directory = model_dir
+            if impl.startswith("t5qa-ct2-"):
+                directory = Path(made.get(f"ct2_{impl.rsplit('-', 1)[1]}", work / "missing-ct2"))
+                if not directory.is_dir():
+                    results[impl] = {"error": made.get(f"ct2_{impl.rsplit('-', 1)[1]}_error", "no CTranslate2 export")}
+                    continue
+            results[impl] = run_worker("bench_predict.py", ["--impl", impl, "--model-dir", str(directory),
+                                                            "--questions", str(mode.questions)],
+                                       work / f"{impl}.json", args.timeout)
+        if mode.profile and wanted("profile"):
+            results["profile"] = run_worker("profile_train.py", ["--model-dir", str(model_dir)],
+                                            work / "profile.json", args.timeout)
+        results["matmul-end"] = run_worker("bench_matmul.py", [], work / "matmul-end.json", args.timeout)
+    wall = time.perf_counter() - t0
+    write_report(Path(args.output), mode, results, argv, started, wall)
+    Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"[bench] wrote {args.output} and {args.json} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

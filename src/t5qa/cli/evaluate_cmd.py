@@ -1,0 +1,94 @@
+"""`t5qa evaluate`: score a model (or a predictions file) on a labelled data file."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from t5qa.cli.common import add_config_flags, config_overrides, print_json, print_table
+from t5qa.config import DataConfig, GenerateConfig, from_dict
+from t5qa.errors import ConfigError
+
+_DATA_FLAGS = ("format", "context_column", "question_column", "answer_column", "id_column", "hf_split",
+               "no_answer_values")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the evaluate command."""
+    p = sub.add_parser(
+        "evaluate",
+        help="exact match, F1, loss and token accuracy of a model on a data file (or score a predictions file)",
+        description="With --model: generate answers and compute loss, token accuracy, exact match and F1 "
+                    "(identical to the official SQuAD scorer). With --predictions: score answers written "
+                    "elsewhere (JSON lines with id + prediction/answer, or a JSON object id -> answer).",
+    )
+    p.add_argument("--data", required=True, help="labelled data file (any format `t5qa data` reads)")
+    p.add_argument("--model", help="model directory to evaluate")
+    p.add_argument("--predictions", help="predictions file to score instead of a model")
+    p.add_argument("--output", help="write per-example predictions and scores here (JSON lines)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--max-examples", type=int, metavar="N", help="evaluate only the first N examples")
+    p.add_argument("--stride", type=int, metavar="N",
+                   help="overlap in tokens between windows of a long context (default: the model's)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    add_config_flags(p, GenerateConfig, group_title="generation (with --model)")
+    add_config_flags(p, DataConfig, group_title="data columns",
+                     exclude=[f for f in DataConfig.__dataclass_fields__ if f not in _DATA_FLAGS])
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, print the metrics, optionally write the per-example rows."""
+    from t5qa.data import load_dataset
+    from t5qa.evaluate import evaluate_model, evaluate_predictions, read_predictions, write_predictions
+
+    if (args.model is None) == (args.predictions is None):
+        raise ConfigError("give exactly one of --model (evaluate a model) or --predictions (score a file)")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ConfigError(f"--max-examples must be at least 1, got {args.max_examples}")
+    generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
+    examples, _ = load_dataset(args.data, from_dict(DataConfig, config_overrides(args, DataConfig), source="flags"))
+    if args.max_examples:
+        examples = examples[: args.max_examples]
+    if args.predictions is not None:
+        result = evaluate_predictions(read_predictions(args.predictions), examples)
+    else:
+        model, tokenizer, encode, generate = _load(args, generate)
+        result = evaluate_model(model, tokenizer, examples, encode, generate, batch_size=generate.batch_size)
+    if args.output:
+        write_predictions(result, args.output)
+    _print_metrics(result.metrics, as_json=args.json)
+    if args.output and not args.json:
+        print(f"per-example predictions: {args.output}")
+    return 0
+
+
+def _load(args: argparse.Namespace, generate: GenerateConfig) -> tuple[Any, Any, Any, GenerateConfig]:
+    import dataclasses
+
+    from t5qa.modeling import load_model, read_meta
+    from t5qa.predict import default_answer_tokens, encode_config_from_meta
+
+    model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle,
+                                  trust_remote_code=args.trust_remote_code)
+    meta = read_meta(args.model)
+    encode = encode_config_from_meta(meta, stride_tokens=args.stride)
+    if generate.max_new_tokens is None:
+        generate = dataclasses.replace(generate, max_new_tokens=max(default_answer_tokens(meta),
+                                                                    generate.min_new_tokens, 1))
+    return model, tokenizer, encode, generate
+
+
+def _print_metrics(metrics: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print_json(metrics)
+        return
+    rows = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            shown = f"{value:.4f}" if key in ("loss", "token_accuracy") else f"{value:.2f}"
+        else:
+            shown = str(value)
+        rows.append((key, shown))
+    print_table(rows, header=("metric", "value"))

@@ -1,0 +1,170 @@
+"""`t5qa predict` (answer questions with a trained model) and `t5qa export` (CTranslate2 conversion)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from t5qa.cli.common import add_config_flags, config_overrides, print_json
+from t5qa.config import DataConfig, GenerateConfig, from_dict
+from t5qa.errors import ConfigError, DataError
+
+# Output formats of `t5qa predict --data`, by the output file's extension.
+_OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".csv": "csv", ".tsv": "tsv",
+                   ".json": "json"}
+_DATA_FLAGS = ("format", "context_column", "question_column", "answer_column", "id_column", "hf_split")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the predict and export commands."""
+    p = sub.add_parser(
+        "predict",
+        help="answer questions with a trained model (one question, or a whole data file)",
+        description="Answer one question (--context and --question) or every question in a data file "
+                    "(--data and --output). Contexts longer than the model's input are answered in overlapping "
+                    "windows; the most confident answer wins.",
+    )
+    p.add_argument("--model", required=True, help="model directory (or a `t5qa export` directory with --backend ct2)")
+    p.add_argument("--context", help="the context text, for one question")
+    p.add_argument("--question", help="the question, for one question")
+    p.add_argument("--data", help="data file of questions (any format `t5qa data` reads)")
+    p.add_argument("--output", help="answers file for --data: .jsonl, .csv, .tsv, or .json (id -> answer)")
+    p.add_argument("--json", action="store_true", help="print JSON (answer, score, window) instead of text")
+    p.add_argument("--backend", choices=("torch", "ct2"), default="torch",
+                   help="torch, or ct2 for a model written by `t5qa export --format ct2` (default: torch)")
+    p.add_argument("--stride", type=int, metavar="N",
+                   help="overlap in tokens between windows of a long context (default: the model's)")
+    p.add_argument("--max-source-tokens", type=int, metavar="N",
+                   help="input length limit in tokens (default: the model's)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_flags(p, GenerateConfig, group_title="generation")
+    add_config_flags(p, DataConfig, group_title="data columns (for --data)",
+                     exclude=[f for f in DataConfig.__dataclass_fields__ if f not in _DATA_FLAGS])
+    p.set_defaults(func=run_predict)
+
+    e = sub.add_parser(
+        "export",
+        help="convert a trained model for fast CPU inference (CTranslate2)",
+        description="Convert a model directory to CTranslate2 (`pip install 't5qa[ct2]'`). Answer with it via "
+                    "`t5qa predict --backend ct2 --model OUTPUT` or `t5qa serve --backend ct2`.",
+    )
+    e.add_argument("--model", required=True, help="model directory to convert")
+    e.add_argument("--format", choices=("ct2",), default="ct2", help="export format (default: ct2)")
+    e.add_argument("--quantization", default="float32",
+                   help="float32 (same answers as PyTorch), int8 or int8_float32 (smaller, faster), int16, "
+                        "bfloat16 (default: float32)")
+    e.add_argument("--output", required=True, help="directory to write")
+    e.add_argument("--force", action="store_true", help="replace --output if it exists")
+    e.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
+    e.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    e.set_defaults(func=run_export)
+
+
+def _check_args(args: argparse.Namespace) -> str:
+    """Which mode the flags ask for ("one" or "file"), with every conflict reported at once."""
+    problems = []
+    one = args.context is not None or args.question is not None
+    many = args.data is not None or args.output is not None
+    if one and many:
+        problems.append("use either --context/--question or --data/--output, not both")
+    elif one and (args.context is None or args.question is None):
+        problems.append("--context and --question go together; give both")
+    elif many and (args.data is None or args.output is None):
+        problems.append("--data and --output go together; give both")
+    elif not one and not many:
+        problems.append("give --context and --question, or --data and --output")
+    if args.output is not None and Path(args.output).suffix.lower() not in _OUTPUT_FORMATS:
+        problems.append(f"--output {args.output}: unknown extension; use one of {', '.join(_OUTPUT_FORMATS)}")
+    if args.stride is not None and args.stride < 0:
+        problems.append(f"--stride must be >= 0, got {args.stride}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return "one" if one else "file"
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Answer one question (printed) or a data file (written to --output)."""
+    from t5qa.predict import Predictor
+
+    mode = _check_args(args)
+    generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
+    examples = _read_examples(args) if mode == "file" else []
+    predictor = Predictor.from_pretrained(
+        args.model, backend=args.backend, generate=generate, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, stride_tokens=args.stride, max_source_tokens=args.max_source_tokens,
+    )
+    if mode == "one":
+        answer = predictor.answer(args.context, args.question)
+        if args.json:
+            print_json(answer.to_dict())
+        else:
+            print(answer.text)
+        return 0
+
+    started = time.perf_counter()
+    answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], progress=not args.no_progress)
+    seconds = time.perf_counter() - started
+    rows = [
+        {"id": ex.id, "question": ex.question, "prediction": a.text, "score": round(a.score, 6),
+         "window": a.window_index, "num_windows": a.num_windows}
+        for ex, a in zip(examples, answers)
+    ]
+    _write_rows(rows, Path(args.output))
+    stats = predictor.stats
+    summary = {"output": str(args.output), "questions": len(rows), "seconds": round(seconds, 3),
+               "questions_per_second": round(len(rows) / seconds, 2) if seconds else None,
+               "windows": stats.windows, "padding_fraction": round(stats.padding_fraction, 4),
+               "backend": args.backend}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {len(rows)} answers to {args.output} ({summary['questions_per_second']} questions/s, "
+              f"{stats.windows} model inputs, {100 * stats.padding_fraction:.1f}% padding)")
+    return 0
+
+
+def _read_examples(args: argparse.Namespace) -> list[Any]:
+    from t5qa.data import load_examples
+
+    config = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
+    # No cleaning: every input row gets an answer, in input order.
+    examples = load_examples(args.data, config)
+    if not examples:
+        raise DataError(f"{args.data}: no questions found; check the file and --format")
+    return examples
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    fmt = _OUTPUT_FORMATS[path.suffix.lower()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            if fmt == "jsonl":
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            elif fmt == "json":  # the official SQuAD predictions format: id -> answer
+                json.dump({row["id"]: row["prediction"] for row in rows}, handle, ensure_ascii=False, indent=1)
+            else:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+                writer.writeheader()
+                writer.writerows(rows)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the answers ({exc.strerror}); check --output") from None
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Convert the model and print where it went."""
+    from t5qa.export import export_ct2
+
+    out = export_ct2(args.model, args.output, quantization=args.quantization, force=args.force,
+                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    size_mb = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e6
+    print(f"wrote {out} (CTranslate2, {args.quantization}, {size_mb:.1f} MB); answer with: "
+          f"t5qa predict --backend ct2 --model {out} ...")
+    return 0

@@ -1,0 +1,58 @@
+"""`t5qa train`: fine-tune a seq2seq model for question answering (also under `accelerate launch -m t5qa train`)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from t5qa.cli.common import add_config_flags, config_overrides
+from t5qa.config import TrainConfig
+
+
+def register(sub: Any) -> None:
+    """Add the `train` subcommand."""
+    parser = sub.add_parser(
+        "train",
+        help="fine-tune a model on question-answer data",
+        description="Fine-tune any AutoModelForSeq2SeqLM for question answering. Settings come from the defaults, "
+                    "then --config FILE (YAML, keys = the flag names with underscores), then the flags. "
+                    "Multi-GPU: accelerate launch -m t5qa train ...",
+    )
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML file of settings (a run directory's config.yaml works); flags override it")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when stderr is a terminal)")
+    # DataConfig.seed (the split's) and TrainConfig.seed share a name; --seed is the training seed, as in YAML.
+    add_config_flags(parser, TrainConfig, exclude=("seed",), group_title="training settings")
+    parser.add_argument("--seed", type=int, default=None, metavar="N",
+                        help="seed of model initialisation, data order and dropout (default: 42)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve the config, train, and print where the results are."""
+    from t5qa.config import load_train_config
+    from t5qa.train import fit
+
+    cfg = load_train_config(args.config, **config_overrides(args, TrainConfig))
+    result = fit(cfg, progress=args.progress)
+    if not _is_main_process():
+        return 0
+    best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
+    print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; "
+          f"best {cfg.metric_for_best}: {best}")
+    for key in ("exact_match", "f1", "loss"):
+        if key in result.final_metrics:
+            print(f"final validation {key}: {result.final_metrics[key]:.4g}")
+    print(f"best model: {result.best_dir}")
+    print(f"last model: {result.last_dir}")
+    report = result.output_dir / f"report.{cfg.report_format}"
+    if report.is_file():
+        print(f"report: {report}")
+    return 0
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

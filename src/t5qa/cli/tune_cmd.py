@@ -1,0 +1,77 @@
+"""`t5qa tune`: hyperparameter search (Optuna) over training runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from t5qa.cli.common import add_config_flags, config_overrides, print_table
+from t5qa.config import METRICS, TrainConfig
+
+# Set by the search itself: the search directory replaces --output, and --metric replaces --metric-for-best.
+_EXCLUDED = ("output", "resume", "metric_for_best")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the tune command."""
+    p = sub.add_parser(
+        "tune",
+        help="search hyperparameters (learning rate, batch size, epochs, ...) with Optuna",
+        description="Run training trials with sampled hyperparameters and keep the best by validation F1. "
+                    "Trials are stored in a database (default OUTPUT/study.db): running the same command again "
+                    "continues the study, and several machines can share one study with --storage. The search "
+                    "space is the `search:` section of --config; the other keys of that file, and the flags "
+                    "below, are the base training config of every trial.",
+        # TrainConfig.seed and DataConfig.seed share a flag name; the later (TrainConfig) definition wins.
+        conflict_handler="resolve",
+    )
+    p.add_argument("--trials", type=int, required=True,
+                   help="trials to reach in the study (complete + pruned, over every worker)")
+    p.add_argument("--output", required=True,
+                   help="search directory: study.db, trial-NNNN/ runs, trials.csv, best_config.yaml, plots")
+    p.add_argument("--config", help="YAML with the base training config and a `search:` section (the space)")
+    p.add_argument("--storage", help="database URL of the study (default sqlite:///OUTPUT/study.db); "
+                                     "e.g. postgresql://user:pass@host/db to search from several machines")
+    p.add_argument("--metric", default="f1", choices=METRICS,
+                   help="validation metric to optimise (loss is minimised, the others maximised)")
+    p.add_argument("--study-name", default="t5qa", help="name of the study in the storage")
+    add_config_flags(p, TrainConfig, exclude=_EXCLUDED, group_title="base training config")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run or continue the search; print the trials table and where the results are."""
+    import logging
+
+    from t5qa.errors import require
+    from t5qa.tune import load_search_config, run_search
+
+    # Optuna's per-trial lines follow t5qa's -q/-v like every other log message.
+    require("optuna", "tune", "Hyperparameter search").logging.set_verbosity(logging.getLogger().getEffectiveLevel())
+    base, space = load_search_config(args.config, **config_overrides(args, TrainConfig))
+    result = run_search(base, trials=args.trials, output=args.output, storage=args.storage, space=space,
+                        metric=args.metric, study_name=args.study_name)
+    if result.rows:
+        header = list(result.rows[0])
+        print_table([[_cell(row[k]) for k in header] for row in result.rows], header=header)
+    print()
+    print(f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed "
+          f"(study '{result.study_name}' in {result.storage})")
+    if result.best_trial is not None:
+        params = ", ".join(f"{k}={_cell(v)}" for k, v in result.best_params.items())
+        print(f"best: trial {result.best_trial}, {args.metric} {result.best_value:.4f} ({params}); "
+              f"run {result.best_run_dir}")
+        print(f"best config: {result.best_config_path} (train with: t5qa train --config {result.best_config_path})")
+    else:
+        print("no trial has completed yet; no best configuration")
+    print(f"table: {result.table_path}")
+    for path in result.plot_paths:
+        print(f"plot: {path}")
+    return 0
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

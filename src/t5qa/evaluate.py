@@ -1,0 +1,265 @@
+"""Evaluate a model on QA examples: teacher-forced loss and token accuracy, then EM/F1 of generated answers.
+
+Generated answers come from the same `Predictor` users call, so the scores measure what `t5qa predict` and
+the server return (long contexts in windows included). EM/F1 follow the official SQuAD v1.1 scorer
+(`metrics.py`): best over the reference answers, character-level for CJK text, SQuAD v2 rules for
+unanswerable questions.
+
+With an `accelerate.Accelerator` of several processes, each process evaluates its own contiguous shard of the
+examples; the per-example rows and the loss sums are gathered so every process returns the same metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from t5qa.config import EncodeConfig, GenerateConfig
+from t5qa.data import QAExample
+from t5qa.encode import encode_for_training, make_collator
+from t5qa.metrics import exact_match, f1, squad_scores, token_accuracy
+from t5qa.predict import Answer, Predictor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation and one row per example."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    """loss (mean per target token), token_accuracy (0-1), exact_match and f1 (0-100), count, and
+    HasAns_* / NoAns_* when unanswerable questions are present."""
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    """id, question, prediction, references, exact_match, f1 (0/1 and 0-1), answer_in_input, window,
+    num_windows, score; in example order."""
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[QAExample],
+    encode: EncodeConfig,
+    generate: GenerateConfig,
+    *,
+    batch_size: int,
+    accelerator: Any = None,
+    max_examples: int | None = None,
+) -> EvalResult:
+    """Loss, token accuracy and EM/F1 of `model` on `examples`.
+
+    Args:
+        model: an AutoModelForSeq2SeqLM (may be wrapped by accelerate/DDP; its train/eval mode is restored).
+        tokenizer: its tokenizer.
+        examples: the evaluation examples.
+        encode: how inputs are built (as in training).
+        generate: decoding settings for the generated answers.
+        batch_size: examples per forward pass (loss and generation).
+        accelerator: an `accelerate.Accelerator`; with several processes the work is sharded and gathered.
+        max_examples: evaluate only the first N examples.
+    Returns:
+        EvalResult with the same metrics on every process, and per-example rows in example order.
+    """
+    started = time.perf_counter()
+    examples = list(examples[:max_examples] if max_examples else examples)
+    indices = list(range(len(examples)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(indices) as shard:
+            shard = list(shard)
+        core = accelerator.unwrap_model(model)
+    else:
+        shard = indices
+        core = model
+    was_training = core.training
+    core.eval()
+    try:
+        loss_sum, target_tokens, correct = _teacher_forced([examples[i] for i in shard], core, tokenizer, encode,
+                                                           batch_size)
+        predictor = Predictor(core, tokenizer, encode, generate)
+        pairs = [(examples[i].context, examples[i].question) for i in shard]
+        answers = predictor.answer_many(pairs, batch_size=batch_size)
+    finally:
+        core.train(was_training)
+    rows = [(i, _row(examples[i], a)) for i, a in zip(shard, answers)]
+    sums = [(loss_sum, target_tokens, correct)]
+
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+        sums = gather_object(sums)
+    by_index = dict(rows)  # one row per example index, whichever process produced it
+    if len(by_index) != len(examples):  # an internal invariant of sharding and gathering
+        raise AssertionError(f"evaluation gathered {len(by_index)} rows for {len(examples)} examples")
+    predictions = [by_index[i] for i in range(len(examples))]
+    loss_total = sum(s[0] for s in sums)
+    tokens_total = sum(s[1] for s in sums)
+    correct_total = sum(s[2] for s in sums)
+
+    metrics: dict[str, float] = {
+        "loss": loss_total / tokens_total if tokens_total else float("nan"),
+        "token_accuracy": correct_total / tokens_total if tokens_total else 0.0,
+    }
+    metrics.update(_score_rows(predictions))
+    seconds = time.perf_counter() - started
+    metrics["eval_seconds"] = seconds
+    logger.debug("evaluated %d examples in %.1f s", len(examples), seconds)
+    return EvalResult(metrics=metrics, predictions=predictions)
+
+
+def _teacher_forced(
+    examples: list[QAExample], model: Any, tokenizer: Any, encode: EncodeConfig, batch_size: int
+) -> tuple[float, int, int]:
+    """(summed token loss, target tokens, correctly predicted tokens) with teacher forcing."""
+    import torch
+    import torch.nn.functional as F
+
+    if not examples:
+        return 0.0, 0, 0
+    features, _ = encode_for_training(examples, tokenizer, encode)
+    collate = make_collator(tokenizer)
+    order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
+    device = next(model.parameters()).device
+    loss_sum, counted, correct = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = collate([features[i] for i in order[start:start + batch_size]])
+            batch.pop("example_index", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch).logits  # (batch, target_len, vocab)
+            labels = batch["labels"]  # (batch, target_len), -100 on padding
+            loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                              reduction="sum"))
+            right, n = token_accuracy(logits.argmax(dim=-1), labels)
+            correct += right
+            counted += n
+    return loss_sum, counted, correct
+
+
+def _answer_in_input(example: QAExample, start: int, end: int) -> bool | None:
+    """Whether a reference answer lies inside context[start:end] (None for an unanswerable question)."""
+    if not example.answers:
+        return None
+    for k, answer in enumerate(example.answers):
+        answer_start = example.answer_starts[k] if k < len(example.answer_starts) else -1
+        if answer_start >= 0:
+            if start <= answer_start and answer_start + len(answer) <= end:
+                return True
+        elif answer and answer in example.context[start:end]:
+            return True
+    return False
+
+
+def _row(example: QAExample, answer: Answer) -> dict[str, Any]:
+    references = list(example.answers)
+    return {
+        "id": example.id,
+        "question": example.question,
+        "prediction": answer.text,
+        "references": references,
+        "exact_match": exact_match(answer.text, references),
+        "f1": f1(answer.text, references),
+        "answer_in_input": _answer_in_input(example, answer.window_char_start, answer.window_char_end),
+        "window": answer.window_index,
+        "num_windows": answer.num_windows,
+        "score": answer.score,
+    }
+
+
+def _score_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+    # Ids may repeat in user data; key by position so every row counts, exactly as in the row order.
+    predictions = {str(k): row["prediction"] for k, row in enumerate(rows)}
+    references = {str(k): row["references"] for k, row in enumerate(rows)}
+    scores = squad_scores(predictions, references)
+    scores.pop("missing", None)
+    return scores
+
+
+def evaluate_predictions(predictions: Mapping[str, str], examples: Sequence[QAExample]) -> EvalResult:
+    """Score answers produced elsewhere (a predictions file) against the examples' references.
+
+    Args:
+        predictions: question id -> predicted answer text. A missing id scores as the empty answer.
+    Returns:
+        EvalResult with exact_match, f1, count, missing (+HasAns/NoAns) and one row per example
+        (answer_in_input and window are None: there is no model input to look at).
+    """
+    references = {ex.id: list(ex.answers) for ex in examples}
+    metrics = squad_scores(predictions, references)
+    rows = []
+    for ex in examples:
+        text = predictions.get(ex.id, "")
+        rows.append({
+            "id": ex.id, "question": ex.question, "prediction": text, "references": list(ex.answers),
+            "exact_match": exact_match(text, list(ex.answers)), "f1": f1(text, list(ex.answers)),
+            "answer_in_input": None, "window": None,
+        })
+    return EvalResult(metrics=metrics, predictions=rows)
+
+
+def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:
+    """Write the per-example rows as JSON lines (one object per example, in example order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for row in result.predictions:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, str]:
+    """Read a predictions file: JSON lines with "id" and "prediction" (or "answer"), or one JSON object
+    mapping id -> answer (the official SQuAD format).
+
+    Raises:
+        DataError: the file is missing or malformed, naming the line and the fix.
+    """
+    from t5qa.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such predictions file; check --predictions")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save the predictions file as UTF-8") from None
+    stripped = text.strip()
+    if not stripped:
+        raise DataError(f"{path}: the predictions file is empty")
+    jsonl = path.suffix.lower() in (".jsonl", ".jsonlines", ".ndjson")
+    if stripped.startswith("{") and not jsonl:
+        try:
+            obj = json.loads(stripped)
+        except json.JSONDecodeError:
+            obj = None
+        # A dict with an "id" key is one JSON-lines row, not an id -> answer mapping.
+        if isinstance(obj, dict) and "id" not in obj:
+            bad = [k for k, v in obj.items() if not isinstance(v, str)]
+            if bad:
+                raise DataError(f"{path}: in an id -> answer JSON object every value must be a string; "
+                                f"id {bad[0]!r} is not")
+            return dict(obj)
+    out: dict[str, str] = {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({exc.msg}); expected one JSON object per line "
+                            f'like {{"id": "q1", "prediction": "..."}}') from None
+        if not isinstance(row, dict) or "id" not in row:
+            raise DataError(f'{path}:{line_no}: each line needs an "id" and a "prediction" (or "answer") field')
+        value = row.get("prediction", row.get("answer"))
+        if value is None:
+            raise DataError(f'{path}:{line_no}: no "prediction" or "answer" field for id {row["id"]!r}')
+        if isinstance(value, dict):  # e.g. {"text": ...} as written by some tools
+            value = value.get("text", "")
+        out[str(row["id"])] = str(value)
+    return out
+
+

@@ -1,0 +1,471 @@
+"""Answer questions about contexts with a trained model: batched, length-sorted, long contexts in windows.
+
+One `Predictor` serves every caller (the `t5qa predict` command, evaluation during training, the HTTP
+server), so what evaluation measures is what users get.
+
+How a batch of questions is answered:
+1. each (context, question) pair becomes one model input, or several overlapping windows when the prompt is
+   longer than the model's input (`encode.encode_windows`);
+2. all inputs are sorted by length and cut into batches of `GenerateConfig.batch_size`, so each batch pads
+   to nearly the same length (padding is compute thrown away);
+3. each batch is decoded under `torch.inference_mode()` with the key/value cache on;
+4. each window's answer gets a score, the mean log-probability per generated token; for a pair with several
+   windows the best-scoring non-empty answer wins (an empty answer means "not in this window"), and the
+   answers come back in input order.
+
+Backends: "torch" (any AutoModelForSeq2SeqLM) or "ct2" (a CTranslate2 model written by `t5qa export`,
+faster on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from t5qa.config import EncodeConfig, GenerateConfig
+from t5qa.encode import Window, encode_windows, format_source
+from t5qa.errors import ConfigError, DataError, ModelError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "ct2")
+# Answer length limit when the model directory says nothing about its training answers.
+FALLBACK_ANSWER_TOKENS = 32
+# Files that mark a directory written by `t5qa export --format ct2`.
+CT2_MODEL_FILE = "model.bin"
+CT2_META_KEY = "ct2"
+
+
+@dataclass
+class Answer:
+    """The answer to one question."""
+
+    text: str
+    score: float
+    """Mean log-probability per generated token (<= 0; closer to 0 is more confident)."""
+    window_index: int
+    """Which window of the context the answer came from (0 when the context fit in one input)."""
+    num_windows: int
+    """How many windows the context was cut into (1 when it fit)."""
+    seconds: float | None = None
+    """Compute time spent on this question: its share of each batch that held one of its windows."""
+    window_char_start: int = 0
+    """Character offset in the context where the answering window starts."""
+    window_char_end: int = 0
+    """Character offset in the context where the answering window ends (exclusive)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class InferenceStats:
+    """Counters over every call of a Predictor, to see where time and padding go."""
+
+    questions: int = 0
+    windows: int = 0
+    """Model inputs (a long context counts once per window)."""
+    batches: int = 0
+    real_tokens: int = 0
+    """Source tokens that carry text."""
+    padded_tokens: int = 0
+    """Source positions in the padded batches (real + padding)."""
+    seconds: float = 0.0
+    """Wall time in tokenisation, generation and decoding."""
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of source positions that were padding (0 is perfect)."""
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    @property
+    def questions_per_second(self) -> float:
+        """Throughput over all calls so far."""
+        return self.questions / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Item:
+    """One model input: a window of one pair."""
+
+    pair_index: int
+    window: Window
+    text: str = ""
+    score: float = float("-inf")
+    seconds: float = 0.0
+
+
+class Predictor:
+    """Batched question answering with a seq2seq model (PyTorch) or its CTranslate2 export.
+
+    Args:
+        model: an AutoModelForSeq2SeqLM (None for the "ct2" backend).
+        tokenizer: the model's tokenizer.
+        encode: prompt template, max_source_tokens and stride_tokens used to build inputs.
+        generate: decoding settings; `max_new_tokens=None` uses `answer_tokens`.
+        backend: "torch" or "ct2".
+        ct2_dir: the CTranslate2 model directory (backend "ct2").
+        answer_tokens: default answer length limit in tokens; None uses `encode.max_target_tokens`.
+        ct2_compute_type: CTranslate2 compute type ("default" keeps the export's quantization).
+    Raises:
+        ConfigError: an unknown backend, or "ct2" without a directory.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        encode: EncodeConfig,
+        generate: GenerateConfig,
+        backend: str = "torch",
+        ct2_dir: str | os.PathLike | None = None,
+        *,
+        answer_tokens: int | None = None,
+        ct2_compute_type: str = "default",
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "torch" and model is None:
+            raise ConfigError("the torch backend needs a model; pass one, or use backend='ct2' with ct2_dir")
+        if backend == "ct2" and ct2_dir is None:
+            raise ConfigError("the ct2 backend needs ct2_dir, a directory written by `t5qa export --format ct2`")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.encode = encode
+        self.generate = generate
+        self.backend = backend
+        self.answer_tokens = int(answer_tokens or encode.max_target_tokens)
+        self.stats = InferenceStats()
+        self._translator = None
+        if backend == "ct2":
+            self._translator = _load_translator(Path(ct2_dir), ct2_compute_type)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        backend: str = "torch",
+        generate: GenerateConfig | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+        stride_tokens: int | None = None,
+        max_source_tokens: int | None = None,
+    ) -> "Predictor":
+        """Load a model directory (saved by t5qa or transformers) or a CTranslate2 export.
+
+        The prompt template, input length, stride and default answer length come from the directory's
+        t5qa.json; `stride_tokens` / `max_source_tokens` override them.
+
+        Args:
+            directory: model directory (torch) or `t5qa export` output (ct2); a Hub name also works for torch.
+            backend: "torch" or "ct2".
+            generate: decoding settings (defaults from config.py).
+            allow_pickle, trust_remote_code: safety switches passed to `modeling.load_model`.
+            stride_tokens, max_source_tokens: override the window settings saved with the model.
+        Returns:
+            A ready Predictor.
+        Raises:
+            ModelError: the directory is missing, unsafe or of the wrong kind.
+            ConfigError: an unknown backend or invalid overrides.
+        """
+        from t5qa.modeling import load_model, load_tokenizer, read_meta
+
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        generate = generate or GenerateConfig()
+        path = Path(directory)
+        is_ct2 = (path / CT2_MODEL_FILE).is_file()
+        meta = read_meta(path) if path.is_dir() else {}
+        encode = encode_config_from_meta(meta, stride_tokens=stride_tokens, max_source_tokens=max_source_tokens)
+        if backend == "ct2":
+            if not path.is_dir():
+                raise ModelError(f"{path}: no such directory; pass the output of `t5qa export --format ct2`")
+            if not is_ct2:
+                raise ModelError(
+                    f"{path}: not a CTranslate2 model (no {CT2_MODEL_FILE}); convert it first with "
+                    f"`t5qa export --model {path} --format ct2 --output DIR`, then pass --model DIR"
+                )
+            tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+            compute_type = str(meta.get(CT2_META_KEY, {}).get("quantization") or "default")
+            return cls(None, tokenizer, encode, generate, backend="ct2", ct2_dir=path,
+                       answer_tokens=default_answer_tokens(meta), ct2_compute_type=compute_type)
+        if is_ct2:
+            raise ModelError(f"{path}: this is a CTranslate2 export; answer with it using --backend ct2")
+        model, tokenizer = load_model(str(directory), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, encode, generate, answer_tokens=default_answer_tokens(meta))
+
+    # ---------------------------------------------------------------------------------------- answering
+
+    def answer(self, context: str, question: str, **generate_overrides: Any) -> Answer:
+        """Answer one question about one context (see `answer_many`)."""
+        return self.answer_many([(context, question)], **generate_overrides)[0]
+
+    def answer_many(
+        self, pairs: Sequence[tuple[str, str]], *, progress: bool = False, **generate_overrides: Any
+    ) -> list[Answer]:
+        """Answer many (context, question) pairs, in batches of similar length.
+
+        Args:
+            pairs: (context, question) tuples.
+            progress: show a tqdm progress bar over model inputs.
+            generate_overrides: GenerateConfig fields for this call only (e.g. num_beams=4).
+        Returns:
+            One Answer per pair, in input order. A context longer than the model's input is answered window
+            by window; the best-scoring non-empty answer wins.
+        Raises:
+            DataError: a pair that is not two strings.
+            ConfigError: an unknown or invalid generation override.
+        """
+        started = time.perf_counter()
+        gen = self._generate_config(generate_overrides)
+        items = self._encode(pairs)
+        # Longest first: similar lengths share a batch, and an out-of-memory batch shows up at once.
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].window.input_ids))
+        batches = [order[i:i + gen.batch_size] for i in range(0, len(order), gen.batch_size)]
+        bar = _progress_bar(len(items)) if progress else None
+        try:
+            for batch_indices in batches:
+                batch = [items[i] for i in batch_indices]
+                t0 = time.perf_counter()
+                if self.backend == "ct2":
+                    results = self._run_ct2(batch, gen)
+                else:
+                    results = self._run_torch(batch, gen)
+                share = (time.perf_counter() - t0) / len(batch)
+                for item, (text, score) in zip(batch, results):
+                    item.text, item.score, item.seconds = text, score, share
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            if bar is not None:
+                bar.close()
+        answers = _best_per_pair(items, len(pairs))
+        self.stats.questions += len(pairs)
+        self.stats.windows += len(items)
+        self.stats.batches += len(batches)
+        self.stats.seconds += time.perf_counter() - started
+        return answers
+
+    def max_new_tokens(self, gen: GenerateConfig | None = None) -> int:
+        """The answer length limit in tokens that decoding uses."""
+        gen = gen or self.generate
+        return int(gen.max_new_tokens or self.answer_tokens)
+
+    def _generate_config(self, overrides: dict[str, Any]) -> GenerateConfig:
+        if not overrides:
+            return self.generate
+        known = {f.name for f in dataclasses.fields(GenerateConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown generation setting(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
+        return dataclasses.replace(self.generate, **{k: v for k, v in overrides.items() if v is not None})
+
+    def _encode(self, pairs: Sequence[tuple[str, str]]) -> list[_Item]:
+        """Tokenise all prompts in one call; only the prompts that are too long are cut into windows."""
+        for index, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+                raise DataError(f"pair {index}: expected (context, question) as two strings, got {pair!r:.80}")
+        cfg = self.encode
+        sources = [format_source(cfg.prompt_template, question, context) for context, question in pairs]
+        ids = self.tokenizer(sources)["input_ids"] if sources else []
+        items: list[_Item] = []
+        for index, ((context, question), input_ids) in enumerate(zip(pairs, ids)):
+            if len(input_ids) <= cfg.max_source_tokens:
+                items.append(_Item(index, Window(list(input_ids), 0, len(context), 0, 1)))
+            else:
+                items.extend(_Item(index, w) for w in encode_windows(self.tokenizer, question, context, cfg))
+        return items
+
+    # ------------------------------------------------------------------------------------------ backends
+
+    def _run_torch(self, batch: list[_Item], gen: GenerateConfig) -> list[tuple[str, float]]:
+        import torch
+
+        model = self.model
+        device = _model_device(model)
+        pad_id = self.tokenizer.pad_token_id
+        longest = max(len(item.window.input_ids) for item in batch)
+        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)  # (batch, source_len)
+        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for row, item in enumerate(batch):
+            n = len(item.window.input_ids)
+            input_ids[row, :n] = torch.as_tensor(item.window.input_ids, dtype=torch.long)
+            attention_mask[row, :n] = 1
+        self.stats.real_tokens += int(attention_mask.sum())
+        self.stats.padded_tokens += input_ids.numel()
+
+        greedy = gen.num_beams == 1
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=self.max_new_tokens(gen), num_beams=gen.num_beams, do_sample=False, use_cache=True,
+            return_dict_in_generate=True, output_logits=greedy, output_scores=False,
+        )
+        if gen.min_new_tokens:
+            kwargs["min_new_tokens"] = gen.min_new_tokens
+        if gen.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+        if not greedy:
+            kwargs["length_penalty"] = gen.length_penalty
+            kwargs["output_scores"] = True  # needed for sequences_scores
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+        finally:
+            model.train(was_training)
+        generated = out.sequences[:, 1:]  # (batch, new_tokens): drop the decoder start token
+        if greedy:
+            scores = _mean_log_prob(generated, out.logits, self.tokenizer.eos_token_id, pad_id)
+        else:
+            # Beam search already scores each sequence as sum(log p) / length ** length_penalty, which with
+            # the default length_penalty=1 is the mean log-probability per token.
+            scores = out.sequences_scores.float().tolist()
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return [(text.strip(), float(score)) for text, score in zip(texts, scores)]
+
+    def _run_ct2(self, batch: list[_Item], gen: GenerateConfig) -> list[tuple[str, float]]:
+        tokenizer = self.tokenizer
+        sources = [tokenizer.convert_ids_to_tokens(item.window.input_ids) for item in batch]
+        longest = max(len(s) for s in sources)
+        self.stats.real_tokens += sum(len(s) for s in sources)
+        self.stats.padded_tokens += longest * len(sources)
+        results = self._translator.translate_batch(  # type: ignore[union-attr]
+            sources,
+            beam_size=gen.num_beams,
+            max_decoding_length=self.max_new_tokens(gen),
+            min_decoding_length=gen.min_new_tokens,
+            length_penalty=gen.length_penalty,
+            no_repeat_ngram_size=gen.no_repeat_ngram_size,
+            return_scores=True,
+            return_end_token=True,
+            max_input_length=0,  # windows already fit the model's input
+        )
+        out = []
+        for result in results:
+            tokens = result.hypotheses[0]
+            ids = tokenizer.convert_tokens_to_ids(tokens)
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            # CTranslate2's score is sum(log p) / length ** length_penalty over the tokens including </s>
+            # (greedy search uses the same normalisation): with length_penalty=1, the mean per token.
+            score = float(result.scores[0]) if result.scores else float("-inf")
+            if gen.num_beams == 1 and gen.length_penalty != 1.0 and tokens:
+                score = score * len(tokens) ** gen.length_penalty / len(tokens)
+            out.append((text, score))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def encode_config_from_meta(
+    meta: dict[str, Any], *, stride_tokens: int | None = None, max_source_tokens: int | None = None
+) -> EncodeConfig:
+    """The EncodeConfig a saved model was trained with (t5qa.json), with optional overrides."""
+    names = {f.name for f in dataclasses.fields(EncodeConfig)}
+    values = {k: v for k, v in meta.items() if k in names and v is not None}
+    if isinstance(meta.get("train_config"), dict):
+        nested = meta["train_config"].get("encode")
+        if isinstance(nested, dict):
+            values = {**{k: v for k, v in nested.items() if k in names and v is not None}, **values}
+    if stride_tokens is not None:
+        values["stride_tokens"] = stride_tokens
+    if max_source_tokens is not None:
+        values["max_source_tokens"] = max_source_tokens
+    if "stride_tokens" in values and "max_source_tokens" in values:
+        # A saved stride that no longer fits a smaller --max-source-tokens is shrunk rather than refused.
+        if stride_tokens is None and values["stride_tokens"] >= values["max_source_tokens"]:
+            values["stride_tokens"] = values["max_source_tokens"] // 4
+    return EncodeConfig(**values)
+
+
+def default_answer_tokens(meta: dict[str, Any]) -> int:
+    """The answer length limit for a saved model: its training answers' 99th percentile length, else its
+    max_target_tokens, else FALLBACK_ANSWER_TOKENS (with a logged note)."""
+    for key in ("answer_tokens_p99", "max_target_tokens"):
+        value = meta.get(key)
+        if isinstance(value, (int, float)) and value >= 1:
+            return int(value)
+    logger.info("the model directory records no answer length (t5qa.json answer_tokens_p99); answers are limited "
+                "to %d tokens, change it with --max-new-tokens", FALLBACK_ANSWER_TOKENS)
+    return FALLBACK_ANSWER_TOKENS
+
+
+def _mean_log_prob(generated: Any, logits: Sequence[Any], eos_id: int, pad_id: int) -> list[float]:
+    """Mean log-probability per generated token, up to and including the first </s>.
+
+    Args:
+        generated: (batch, steps) token ids chosen by greedy decoding.
+        logits: one (batch, vocab) tensor of raw model logits per step.
+    """
+    import torch
+
+    steps = min(generated.shape[1], len(logits))
+    if steps == 0:
+        return [0.0] * generated.shape[0]
+    chosen = generated[:, :steps]
+    per_step = torch.stack([
+        torch.log_softmax(logits[t].float(), dim=-1).gather(1, chosen[:, t:t + 1]).squeeze(1) for t in range(steps)
+    ], dim=1)  # (batch, steps)
+    is_eos = chosen == eos_id
+    # Positions after the first </s> are padding that finished sequences get while others still decode.
+    after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+    valid = ~after_eos
+    total = (per_step * valid).sum(dim=1)
+    counts = valid.sum(dim=1).clamp(min=1)
+    return (total / counts).tolist()
+
+
+def _best_per_pair(items: list[_Item], num_pairs: int) -> list[Answer]:
+    """Pick, for each pair, the best window: non-empty answers beat empty ones, then the higher score."""
+    best: list[_Item | None] = [None] * num_pairs
+    seconds = [0.0] * num_pairs
+    for item in items:
+        seconds[item.pair_index] += item.seconds
+        current = best[item.pair_index]
+        if current is None or (bool(item.text), item.score) > (bool(current.text), current.score):
+            best[item.pair_index] = item
+    answers = []
+    for index, item in enumerate(best):
+        assert item is not None, "every pair has at least one window"
+        w = item.window
+        answers.append(Answer(item.text, item.score, w.window_index, w.num_windows, seconds[index],
+                              w.context_char_start, w.context_char_end))
+    return answers
+
+
+def _model_device(model: Any) -> Any:
+    device = getattr(model, "device", None)
+    if device is not None:
+        return device
+    return next(model.parameters()).device
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="input", desc="answering", dynamic_ncols=True)
+
+
+def _load_translator(directory: Path, compute_type: str) -> Any:
+    import torch
+
+    from t5qa.errors import require
+
+    ctranslate2 = require("ctranslate2", "ct2", "The CTranslate2 backend")
+    if not (directory / CT2_MODEL_FILE).is_file():
+        raise ModelError(f"{directory}: not a CTranslate2 model (no {CT2_MODEL_FILE}); create one with `t5qa export`")
+    try:
+        # One translation at a time (the Predictor batches); its threads are the ones torch would use.
+        return ctranslate2.Translator(str(directory), device="cpu", compute_type=compute_type,
+                                      inter_threads=1, intra_threads=torch.get_num_threads())
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{directory}: cannot load the CTranslate2 model ({exc})") from None

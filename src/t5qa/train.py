@@ -1,0 +1,838 @@
+"""Training: `setup()` loads everything and encodes once, then `fit()` runs one explicit Accelerate loop.
+
+Vocabulary (see config.py): a *micro-batch* is one forward/backward pass of `train_batch_size` examples on
+one process; a *step* is one optimizer step, i.e. `gradient_accumulation_steps` micro-batches on every
+process. Effective batch size = train_batch_size x gradient_accumulation_steps x processes.
+
+The same code runs on one CPU, one GPU, or under `accelerate launch -m t5qa train ...` (DDP, FSDP, DeepSpeed):
+Accelerate owns devices, precision, gradient accumulation and gradient synchronisation; the loop below is ours.
+
+Run directory (`cfg.output`):
+    config.yaml           the resolved TrainConfig
+    run_summary.json      what the run is about to do (written before step one)
+    metrics.jsonl         one JSON object per log/evaluation: {"step", "epoch", "split", "loss", ...}
+    tensorboard/          the same numbers for TensorBoard
+    checkpoints/step-N/   resumable state, written atomically, verified by checksums before use
+    best/, last/          Hugging Face layout models (loadable by transformers alone) with t5qa.json
+    eval_predictions.jsonl, summary.json, loss.png, learning_rate.png, em_f1.png, report.md
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
+from t5qa.data import QAExample, load_dataset, split_examples
+from t5qa.encode import EncodeStats, LengthGroupedSampler, encode_for_training, make_collator
+from t5qa.errors import CheckpointError, ConfigError, TrainingError
+from t5qa.lora import apply_lora, is_lora_model, save_adapter
+from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
+TRAINER_STATE_FILE = "trainer_state.json"
+SCHEDULER_FILE = "scheduler.pt"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+RUN_SUMMARY_FILE = "run_summary.json"
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+
+
+class StopTraining(Exception):
+    """Raised by an `on_evaluate` callback to end the run cleanly (e.g. an Optuna pruner)."""
+
+
+class TrainingInterrupted(TrainingError):
+    """The run was stopped by Ctrl-C or SIGTERM after writing a checkpoint; the message says how to resume."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    """What `fit` produced."""
+
+    output_dir: Path
+    best_dir: Path
+    last_dir: Path
+    best_metric: float | None
+    final_metrics: dict[str, Any]
+    steps: int
+    stopped_early: bool
+
+
+@dataclass
+class TrainerState:
+    """Everything besides model/optimizer/scheduler/RNG that an exact resume needs (saved as JSON)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Current epoch (0-based); the sampler's order depends on it."""
+    micro_batches_in_epoch: int = 0
+    """Micro-batches of `epoch` already consumed on each process (skipped on resume)."""
+    samples_seen: int = 0
+    """Training examples seen, summed over processes."""
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    last_eval_step: int | None = None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+
+
+@dataclass
+class TrainingRun:
+    """Everything `setup` prepared: the model, data and optimisation objects, ready for the loop."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any                      # prepared by Accelerate (possibly DDP/FSDP-wrapped)
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any                  # stepped once per optimizer step, by us
+    train_loader: Any
+    sampler: LengthGroupedSampler
+    train_examples: list[QAExample]
+    validation_examples: list[QAExample]
+    encode_stats: EncodeStats
+    generate: GenerateConfig        # cfg.generate with max_new_tokens filled in from the training answers
+    output_dir: Path
+    micro_batches_per_epoch: int    # per process
+    steps_per_epoch: int
+    total_steps: int
+    answer_tokens_p99: int
+    summary: dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: TrainConfig) -> TrainingRun:
+    """Load the model and data, encode once, build optimizer/scheduler/loader and the Accelerator.
+
+    Writes `config.yaml` and `run_summary.json` into the run directory and logs the run summary.
+
+    Raises:
+        ConfigError: invalid combinations (fp16 with T5, --resume without a checkpoint, ...).
+        DataError, ModelError: unreadable data or model.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if not cfg.train:
+        raise ConfigError("--train is required: the training data file (or `train:` in the --config file)")
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Accelerate keeps its settings in process-wide singletons, which refuse a second run with another
+    # precision or accumulation in the same process (tests, hyperparameter search). Reset them; the
+    # distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=mixed_precision)
+    if not accelerator.is_main_process:
+        # Every process runs the same code; only the main one talks to the user.
+        logging.getLogger("t5qa").setLevel(logging.ERROR)
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.output)
+    _check_output_dir(output_dir, resume=cfg.resume)
+
+    model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+    check_precision(model, cfg.precision)
+    model = _prepare_model_for_training(model, cfg)
+
+    train_examples, validation_examples = _load_examples(cfg, tokenizer)
+    features, encode_stats = encode_for_training(train_examples, tokenizer, cfg.encode)
+    answer_tokens_p99 = _answer_tokens_p99(features)
+    generate = cfg.generate
+    if generate.max_new_tokens is None:
+        generate = dataclasses.replace(generate, max_new_tokens=max(answer_tokens_p99, generate.min_new_tokens, 1))
+
+    # The sampler groups lengths per *global* micro-batch (all processes), which Accelerate then splits into
+    # consecutive per-process chunks: N processes x batch B see the same examples as 1 process x batch N*B.
+    # Without length grouping, each sorted group is a single micro-batch: a plain shuffle.
+    sampler = LengthGroupedSampler([len(f["input_ids"]) for f in features],
+                                   cfg.train_batch_size * accelerator.num_processes, seed=cfg.seed,
+                                   group_batches=50 if cfg.encode.group_by_length else 1)
+    # The loader gets its own generator: each new iterator draws a seed from it, which must not consume the
+    # global torch RNG that dropout uses (a resumed run creates one iterator more than an uninterrupted one).
+    train_loader = torch.utils.data.DataLoader(features, batch_size=cfg.train_batch_size, sampler=sampler,
+                                               collate_fn=make_collator(tokenizer),
+                                               generator=torch.Generator().manual_seed(cfg.seed))
+    optimizer = _make_optimizer(model, cfg)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+
+    micro_batches_per_epoch = len(train_loader)
+    steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps))
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = _make_scheduler(optimizer, cfg, total_steps)
+
+    summary = {
+        "model": cfg.model,
+        "examples": len(train_examples),
+        "validation_examples": len(validation_examples),
+        "examples_needing_window": encode_stats.needed_window,
+        "answers_outside_every_window": encode_stats.answer_outside_every_window,
+        "truncated_targets": encode_stats.truncated_targets,
+        "train_batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "processes": accelerator.num_processes,
+        "effective_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        "micro_batches_per_epoch": micro_batches_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "epochs": round(total_steps / steps_per_epoch, 3),
+        "parameters": count_parameters(model),
+        "trainable_parameters": count_parameters(model, trainable_only=True),
+        "precision": cfg.precision,
+        "optimizer": cfg.optimizer,
+        "device": str(accelerator.device),
+        "answer_tokens_p99": answer_tokens_p99,
+    }
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(dataclasses.replace(cfg, resume=False), output_dir / "config.yaml")
+        _write_json(output_dir / RUN_SUMMARY_FILE, summary)
+        _log_summary(summary)
+    return TrainingRun(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                       scheduler=scheduler, train_loader=train_loader, sampler=sampler,
+                       train_examples=train_examples, validation_examples=validation_examples,
+                       encode_stats=encode_stats, generate=generate, output_dir=output_dir,
+                       micro_batches_per_epoch=micro_batches_per_epoch, steps_per_epoch=steps_per_epoch,
+                       total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, summary=summary)
+
+
+def _check_output_dir(output_dir: Path, *, resume: bool) -> None:
+    has_checkpoints = any((output_dir / CHECKPOINTS_DIR).glob("step-*"))
+    if has_checkpoints and not resume:
+        raise ConfigError(
+            f"{output_dir} already holds checkpoints of a run: pass --resume to continue it, "
+            f"or choose another --output (or delete {output_dir / CHECKPOINTS_DIR}) to start over"
+        )
+    if resume and not has_checkpoints:
+        raise ConfigError(f"--resume: {output_dir / CHECKPOINTS_DIR} holds no checkpoint; run without --resume")
+
+
+def _prepare_model_for_training(model: Any, cfg: TrainConfig) -> Any:
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # the decoder cache is useless in training and clashes with recompute
+    if cfg.lora_rank is not None:
+        model = apply_lora(model, cfg)  # freezes every base weight itself
+    else:
+        frozen = freeze(model, embeddings=cfg.freeze_embeddings, encoder=cfg.freeze_encoder,
+                        first_layers=cfg.freeze_layers)
+        if frozen:
+            logger.info("froze %s parameters", f"{frozen:,}")
+    if count_parameters(model, trainable_only=True) == 0:
+        raise ConfigError("--freeze-*: every parameter is frozen, nothing would train; freeze less")
+    model.train()
+    return model
+
+
+def _load_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[QAExample], list[QAExample]]:
+    examples, _ = load_dataset(cfg.train, cfg.data, tokenizer=tokenizer,
+                               max_answer_tokens=cfg.encode.max_target_tokens)
+    if cfg.validation:
+        validation, _ = load_dataset(cfg.validation, cfg.data, tokenizer=tokenizer,
+                                     max_answer_tokens=cfg.encode.max_target_tokens)
+        return examples, validation
+    if cfg.data.val_fraction <= 0:
+        return examples, []
+    # Grouped by context, so no validation question is about a context seen in training.
+    splits = split_examples(examples, cfg.data.val_fraction, 0.0, cfg.data.seed)
+    logger.info("no --validation: held out %d of %d examples (%.0f%% of the contexts) for validation",
+                len(splits["validation"]), len(examples), 100 * cfg.data.val_fraction)
+    return splits["train"], splits["validation"]
+
+
+def _answer_tokens_p99(features: list[dict[str, Any]]) -> int:
+    """99th percentile of the training answers' token lengths, + 1 for </s>: the default max_new_tokens."""
+    # labels end with </s>, so len(labels) - 1 answer tokens
+    lengths = [len(f["labels"]) - 1 for f in features] or [0]
+    return int(math.ceil(float(np.percentile(lengths, 99)))) + 1
+
+
+def _no_decay(model: Any) -> set[str]:
+    """Names of parameters that get no weight decay: biases and every normalisation layer's weights."""
+    names = set()
+    for module_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for param_name, _ in module.named_parameters(recurse=False):
+            if is_norm or param_name == "bias":
+                names.add(f"{module_name}.{param_name}" if module_name else param_name)
+    return names
+
+
+def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    no_decay = _no_decay(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in params if n not in no_decay], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate (our scheduler drives it), not Adafactor's own relative step size.
+        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    # foreach (multi-tensor) AdamW: measured faster than the per-parameter loop on CPU, and `fused` is not
+    # faster on CPU for these sizes (see the report of the training task); on GPU foreach is PyTorch's default.
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, foreach=True)
+
+
+def _make_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup_steps = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    logger.info(
+        "training %s on %d examples (validation %d); effective batch %d = %d per micro-batch x %d accumulation "
+        "x %d process(es); %d steps per epoch, %d steps (%.2f epochs); %s parameters (%s trainable); "
+        "precision %s on %s",
+        summary["model"], summary["examples"], summary["validation_examples"], summary["effective_batch_size"],
+        summary["train_batch_size"], summary["gradient_accumulation_steps"], summary["processes"],
+        summary["steps_per_epoch"], summary["total_steps"], summary["epochs"], f"{summary['parameters']:,}",
+        f"{summary['trainable_parameters']:,}", summary["precision"], summary["device"],
+    )
+    if summary["examples_needing_window"]:
+        logger.info("%d training examples were longer than max_source_tokens and use the window holding the "
+                    "answer (%d answers lie in no window)", summary["examples_needing_window"],
+                    summary["answers_outside_every_window"])
+
+
+# --------------------------------------------------------------------------------------------------- fit
+
+
+def fit(cfg: TrainConfig, *, on_evaluate: Callable[[int, dict], None] | None = None,
+        progress: bool | None = None) -> TrainResult:
+    """Train, evaluating and checkpointing on the way; resume when `cfg.resume`.
+
+    Args:
+        cfg: the resolved training config.
+        on_evaluate: called as on_evaluate(step, metrics) after each evaluation on the main process;
+            raising StopTraining from it ends the run cleanly.
+        progress: show a progress bar; None shows it when stderr is a terminal.
+    Returns:
+        TrainResult with the run directory, best/ and last/ and the final metrics.
+    Raises:
+        TrainingError: non-finite loss (the last good checkpoint is kept).
+        TrainingInterrupted: Ctrl-C or SIGTERM, after writing a checkpoint.
+        ConfigError, DataError, ModelError, CheckpointError: bad input.
+    """
+    run = setup(cfg)
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    is_main = accelerator.is_main_process
+
+    state = TrainerState()
+    if cfg.resume:
+        state = _load_checkpoint(run, _latest_good_checkpoint(run.output_dir))
+    metrics_log = _MetricsLog(run.output_dir, resume_step=state.step if cfg.resume else None, enabled=is_main)
+    stop_request = _StopRequest()
+    bar = _progress_bar(run, state.step, progress, enabled=is_main)
+
+    stop_reason = ""
+    started = time.perf_counter()
+    window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    model.train()
+    try:
+        stop_request.install()
+        while state.step < run.total_steps and not stop_reason:
+            loader = run.train_loader
+            if state.micro_batches_in_epoch:  # resuming mid-epoch: skip what the interrupted run consumed
+                loader = accelerator.skip_first_batches(run.train_loader, state.micro_batches_in_epoch)
+            # The order depends only on (seed, epoch). Accelerate's loaders re-seed the sampler from their own
+            # epoch counter when iterated, so they get ours too (a fresh skip loader would start at 0).
+            run.sampler.set_epoch(state.epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(state.epoch)
+            step_loss = torch.zeros((), device=accelerator.device)  # sum of micro-batch losses in this step
+            step_micro_batches = step_samples = 0
+            for batch in loader:
+                batch.pop("example_index", None)
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss  # mean token cross-entropy of the micro-batch
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        if not math.isfinite(float(grad_norm)):  # stop before the update spoils the weights
+                            raise _non_finite_error(run, state.step + 1, state.epoch, f"gradient norm {grad_norm}")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.micro_batches_in_epoch += 1
+                step_loss += loss.detach().float()
+                step_micro_batches += 1
+                step_samples += batch["input_ids"].shape[0]
+                if not accelerator.sync_gradients:
+                    continue  # mid-accumulation: no optimizer step happened
+
+                # ---- one optimizer step done
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                end_of_epoch = accelerator.gradient_state.end_of_dataloader
+                # One all-reduce per step: mean loss, samples, and whether any process was asked to stop.
+                totals = accelerator.reduce(torch.tensor(
+                    [step_loss.item() / step_micro_batches, float(step_samples), float(stop_request.flag)],
+                    device=accelerator.device), reduction="sum")
+                mean_loss = totals[0].item() / accelerator.num_processes
+                state.step += 1
+                state.samples_seen += int(totals[1].item())
+                window_samples += int(totals[1].item())
+                step_loss = torch.zeros((), device=accelerator.device)
+                step_micro_batches = step_samples = 0
+                if not math.isfinite(mean_loss):
+                    raise _non_finite_error(run, state.step, state.epoch, f"training loss {mean_loss}")
+                window_loss += mean_loss
+                window_steps += 1
+                epoch_float = state.epoch + state.micro_batches_in_epoch / run.micro_batches_per_epoch
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                    samples_s=f"{window_samples / max(time.perf_counter() - window_start, 1e-9):.1f}")
+
+                if state.step % cfg.log_every_steps == 0 or state.step == run.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics_log.write({"step": state.step, "epoch": round(epoch_float, 4), "split": "train",
+                                       "loss": window_loss / window_steps,
+                                       "learning_rate": scheduler.get_last_lr()[0],
+                                       "samples_per_second": window_samples / elapsed})
+                    window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+
+                eval_due = (state.step == run.total_steps
+                            or (cfg.eval_every_steps is not None and state.step % cfg.eval_every_steps == 0)
+                            or (cfg.eval_every_steps is None and end_of_epoch))
+                callback_stop = False
+                if eval_due and run.validation_examples:
+                    metrics, improved = _evaluate_and_track(run, state, epoch_float, metrics_log)
+                    if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+                        stop_reason = (f"early stopping: {cfg.metric_for_best} did not improve for "
+                                       f"{state.evals_without_improvement} evaluations")
+                        state.stopped_early = True
+                    if is_main and on_evaluate is not None:
+                        try:
+                            on_evaluate(state.step, metrics)
+                        except StopTraining as exc:
+                            callback_stop = True
+                            stop_reason = f"stopped by the on_evaluate callback at step {state.step} ({exc})"
+                    callback_stop = _any_process(accelerator, callback_stop)
+                    if callback_stop and not stop_reason:
+                        stop_reason = f"stopped by the on_evaluate callback at step {state.step}"
+                    model.train()
+
+                interrupted = totals[2].item() > 0
+                save_due = (interrupted or (cfg.save_every_steps is not None and state.step % cfg.save_every_steps == 0)
+                            or (cfg.save_every_steps is None and eval_due))
+                if end_of_epoch:
+                    state.epoch += 1
+                    state.micro_batches_in_epoch = 0
+                if (save_due and state.step < run.total_steps) or interrupted:
+                    state.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    checkpoint = _save_checkpoint(run, state)
+                    if interrupted:
+                        raise TrainingInterrupted(
+                            f"training interrupted at step {state.step} of {run.total_steps}; a checkpoint was "
+                            f"saved in {checkpoint}. Resume with: t5qa train --config "
+                            f"{run.output_dir / 'config.yaml'} --resume")
+                if state.step >= run.total_steps or stop_reason:
+                    break
+        state.train_seconds += time.perf_counter() - started
+        if stop_reason:
+            logger.info("%s", stop_reason)
+        return _finish(run, state, metrics_log)
+    finally:
+        stop_request.uninstall()
+        if bar is not None:
+            bar.close()
+        metrics_log.close()
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
+
+
+def _non_finite_error(run: TrainingRun, step: int, epoch: int, what: str) -> TrainingError:
+    good = _complete_checkpoints(run.output_dir)
+    kept = f"the last good checkpoint {good[0]} is kept" if good else "no checkpoint had been written yet"
+    return TrainingError(
+        f"non-finite {what} at step {step} (epoch {epoch + 1}); training stopped and "
+        f"{kept}. Lower --learning-rate (now {run.cfg.learning_rate:g}), keep --max-grad-norm set, add warmup "
+        f"(--warmup-ratio 0.1), and train T5 in --precision fp32 or bf16, never fp16"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
+                        metrics_log: "_MetricsLog") -> tuple[dict[str, Any], bool]:
+    """Evaluate on the validation set, log, keep best/ and update the early-stopping counter."""
+    from t5qa.evaluate import evaluate_model, write_predictions
+
+    cfg, accelerator = run.cfg, run.accelerator
+    model = accelerator.unwrap_model(run.model)
+    model.eval()
+    with torch.no_grad():
+        result = evaluate_model(model, run.tokenizer, run.validation_examples, cfg.encode, run.generate,
+                                batch_size=cfg.eval_batch_size, accelerator=accelerator,
+                                max_examples=cfg.max_eval_examples)
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    value = metrics.get(cfg.metric_for_best)
+    improved = value is not None and math.isfinite(value) and (
+        state.best_metric is None
+        or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric))
+    state.last_eval_step = state.step
+    state.last_metrics = metrics
+    state.eval_history.append({"step": state.step, **metrics})
+    if improved:
+        state.best_metric, state.best_step, state.evals_without_improvement = float(value), state.step, 0
+    else:
+        state.evals_without_improvement += 1
+    metrics_log.write({"step": state.step, "epoch": round(epoch, 4), "split": "validation", **metrics})
+    logger.info("step %d: %s%s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                " (best so far)" if improved else "")
+    if improved:
+        _save_model_dir(run, run.output_dir / "best", state)
+        if accelerator.is_main_process:
+            write_predictions(result, run.output_dir / PREDICTIONS_FILE)
+    return metrics, improved
+
+
+def _model_meta(run: TrainingRun, state: TrainerState) -> dict[str, Any]:
+    cfg = run.cfg
+    return {
+        "prompt_template": cfg.encode.prompt_template,
+        "max_source_tokens": cfg.encode.max_source_tokens,
+        "stride_tokens": cfg.encode.stride_tokens,
+        "max_target_tokens": cfg.encode.max_target_tokens,
+        "answer_tokens_p99": run.answer_tokens_p99,
+        "step": state.step,
+        "train_config": to_dict(dataclasses.replace(cfg, resume=False)),
+    }
+
+
+def _save_model_dir(run: TrainingRun, directory: Path, state: TrainerState) -> None:
+    accelerator = run.accelerator
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(run.model)
+        # A LoRA run saves its adapter (which names the base model); `t5qa` tools load it onto the base.
+        save = save_adapter if is_lora_model(model) else save_model
+        save(model, run.tokenizer, directory, _model_meta(run, state))
+    accelerator.wait_for_everyone()
+
+
+def _finish(run: TrainingRun, state: TrainerState, metrics_log: "_MetricsLog") -> TrainResult:
+    """Write last/, best/ (when no validation chose one), summary.json, plots and the report."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    last_dir, best_dir = output_dir / "last", output_dir / "best"
+    _save_model_dir(run, last_dir, state)
+    if not run.validation_examples:
+        _save_model_dir(run, best_dir, state)
+    summary = {
+        "final_metrics": state.last_metrics,
+        "best_step": state.best_step if run.validation_examples else state.step,
+        "best_metric": state.best_metric,
+        "metric_for_best": run.cfg.metric_for_best,
+        "steps": state.step,
+        "total_steps": run.total_steps,
+        "epochs": round(state.step / run.steps_per_epoch, 4),
+        "samples_seen": state.samples_seen,
+        "stopped_early": state.stopped_early,
+        "train_seconds": round(state.train_seconds, 2),
+        "eval_history": state.eval_history,
+    }
+    if accelerator.is_main_process:
+        _write_json(output_dir / SUMMARY_FILE, summary)
+        metrics_log.close()
+        from t5qa.report import write_report
+
+        report = write_report(output_dir, run.cfg.report_format)
+        logger.info("finished %d steps in %.1f s; best %s %s at step %s; report: %s", state.step,
+                    state.train_seconds, run.cfg.metric_for_best, state.best_metric, summary["best_step"], report)
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir=output_dir, best_dir=best_dir, last_dir=last_dir, best_metric=state.best_metric,
+                       final_metrics=state.last_metrics, steps=state.step, stopped_early=state.stopped_early)
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+        os.fsync(handle.fileno())  # the bytes we hash are the bytes on disk
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain types and tensors only, so the file loads with torch.load(weights_only=True).
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(run: TrainingRun, state: TrainerState) -> Path:
+    """Write checkpoints/step-N atomically: temp dir, fsync, checksum marker, rename; prune old ones."""
+    accelerator = run.accelerator
+    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        raise _non_finite_error(run, state.step, state.epoch, "model weights")  # never save them over a good one
+    root = run.output_dir / CHECKPOINTS_DIR
+    final = root / f"step-{state.step}"
+    tmp = root / f".tmp-step-{state.step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)  # model, optimizer (FSDP/DeepSpeed aware)
+    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(run.scheduler.state_dict(), tmp / SCHEDULER_FILE)
+        _write_json(tmp / TRAINER_STATE_FILE, dataclasses.asdict(state))
+        save_yaml(dataclasses.replace(run.cfg, resume=False), tmp / "config.yaml")
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        checksums = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        _write_json(tmp / CHECKPOINT_MARKER, {"step": state.step, "sha256": checksums})
+        with (tmp / CHECKPOINT_MARKER).open("rb") as handle:
+            os.fsync(handle.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # a stale or corrupted checkpoint of the same step, from before a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in _checkpoint_dirs(run.output_dir)[run.cfg.keep_checkpoints:]:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """checkpoints/step-N directories, newest (highest N) first."""
+    found = []
+    for path in (output_dir / CHECKPOINTS_DIR).glob("step-*"):
+        suffix = path.name.removeprefix("step-")
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used, or None when it is complete and intact."""
+    marker = path / CHECKPOINT_MARKER
+    if not marker.is_file():
+        return f"no {CHECKPOINT_MARKER} (the write did not finish)"
+    try:
+        expected = json.loads(marker.read_text(encoding="utf-8"))["sha256"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"unreadable {CHECKPOINT_MARKER} ({exc})"
+    for name, digest in expected.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+def _complete_checkpoints(output_dir: Path) -> list[Path]:
+    return [p for p in _checkpoint_dirs(output_dir) if (p / CHECKPOINT_MARKER).is_file()]
+
+
+def _latest_good_checkpoint(output_dir: Path) -> Path:
+    for path in _checkpoint_dirs(output_dir):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning("checkpoint %s cannot be used: %s; trying the previous one", path, problem)
+    raise CheckpointError(
+        f"{output_dir / CHECKPOINTS_DIR}: no complete checkpoint to resume from (all are incomplete or "
+        f"corrupted); run again without --resume and with a new --output"
+    )
+
+
+def _load_checkpoint(run: TrainingRun, path: Path) -> TrainerState:
+    accelerator = run.accelerator
+    saved = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+    state = TrainerState(**saved)
+    _warn_config_changes(run.cfg, path)
+    accelerator.load_state(str(path))
+    run.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
+    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        logger.warning("%s: no random state for process %d (the number of processes changed); dropout will not "
+                       "repeat the interrupted run exactly", path, accelerator.process_index)
+    logger.info("resumed from %s: step %d, epoch %d, %d micro-batches into the epoch", path, state.step,
+                state.epoch + 1, state.micro_batches_in_epoch)
+    return state
+
+
+def _warn_config_changes(cfg: TrainConfig, path: Path) -> None:
+    from t5qa.config import load_yaml
+
+    try:
+        before = load_yaml(path / "config.yaml")
+    except ConfigError:
+        return
+    now = to_dict(dataclasses.replace(cfg, resume=False))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if changed:
+        logger.warning("resuming with changed settings (%s): the result will differ from an uninterrupted run",
+                       ", ".join(changed))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+class _MetricsLog:
+    """metrics.jsonl and TensorBoard, main process only. On resume, rows after the checkpoint are dropped."""
+
+    def __init__(self, output_dir: Path, *, resume_step: int | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.handle = None
+        if not enabled:
+            return
+        path = output_dir / METRICS_FILE
+        kept = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a half-written last line of a killed run
+                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.handle = path.open("w", encoding="utf-8")
+        for line in kept:
+            self.handle.write(line + "\n")
+        self.handle.flush()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step)
+        except ImportError:  # pragma: no cover - tensorboard is a core dependency
+            logger.warning("tensorboard is not installed: no TensorBoard logs")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled or self.handle is None:
+            return
+        self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C / SIGTERM into a flag checked after each step; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.flag = True
+        logger.warning("%s received: finishing this step and writing a checkpoint (Ctrl-C again to quit at once)",
+                       signal.Signals(signum).name)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. not inside a server)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _progress_bar(run: TrainingRun, initial: int, progress: bool | None, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,115 @@
+"""The benchmark suite's own arithmetic and bookkeeping (bench/): untimed, tiny, offline.
+
+No timing is asserted here, ever: the benchmark reports speed, tests only check that what it counts is right.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import flops  # noqa: E402
+import run as bench_run  # noqa: E402
+
+import common  # noqa: E402  (after the path insert, like the two above)
+
+
+def toy_config() -> SimpleNamespace:
+    # d_model 4, d_ff 8, 2 heads of 2 -> inner width 4, one encoder and one decoder layer, vocabulary 10
+    return SimpleNamespace(d_model=4, d_ff=8, d_kv=2, num_heads=2, num_layers=1, num_decoder_layers=1,
+                           vocab_size=10, is_gated_act=False)
+
+
+def test_forward_flops_of_a_hand_computed_toy_config():
+    # source 3 tokens, target 2 tokens; multiply-adds:
+    # encoder: 3 x (q,k,v,o 4*4*4=64 + FFN 2*4*8=64) + scores and weighted sum 2*3*3*4=72      = 456
+    # decoder: 2 x (64 + 64) + self scores 2*2*2*4=32 + cross q,o 2*(2*4*4)=64
+    #          + cross k,v on the source 3*(2*4*4)=96 + cross scores 2*2*3*4=48                = 496
+    # LM head: 2 x 4 x 10                                                                      = 80
+    # total 1032 multiply-adds = 2064 FLOPs; training is 3x that
+    assert flops.forward_flops(toy_config(), 3, 2) == 2064
+    assert flops.train_flops(toy_config(), 3, 2) == 3 * 2064
+
+
+def test_generate_flops_of_a_hand_computed_toy_config():
+    # encoder 456 and cross k,v 96 once; decoder step i: 64 + 64 + self 2*i*4 + cross q,o 32 + cross 2*3*4=24,
+    # plus the LM head 40 -> 224 + 8i; two steps: 232 + 240 = 472; total 1024 multiply-adds
+    assert flops.generate_flops(toy_config(), 3, 2) == 2 * 1024
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_flop_count_matches_torch_flop_counter_on_a_tiny_t5(attn):
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    # dropout 0.1 as in t5-small: in training mode the attention then runs as plain matmuls, every one of which
+    # FlopCounterMode sees (with dropout 0 one cross-attention product goes through a kernel it does not count)
+    config = T5Config(vocab_size=50, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=1,
+                      decoder_start_token_id=0, dropout_rate=0.1)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    model.config._attn_implementation = attn
+    ids = torch.randint(2, 50, (1, 13))
+    labels = torch.randint(2, 50, (1, 5))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+    assert counter.get_total_flops() == flops.forward_flops(config, 13, 5)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+    assert counter.get_total_flops() == flops.train_flops(config, 13, 5)
+    assert loss.item() > 0
+
+
+def test_token_counter_counts_only_real_tokens_of_training_calls():
+    torch = pytest.importorskip("torch")
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    class Model(T5ForConditionalGeneration):  # a subclass, so the wrapper never leaks into other tests
+        pass
+
+    config = T5Config(vocab_size=50, d_model=16, d_ff=32, d_kv=4, num_heads=4, num_layers=1, decoder_start_token_id=0)
+    model = Model(config)
+    counter = common.TokenCounter().install(Model)
+    try:
+        ids = torch.tensor([[5, 6, 7, 1], [8, 1, 0, 0]])  # 4 and 2 real tokens
+        mask = (ids != 0).long()
+        labels = torch.tensor([[9, 1, -100], [9, 9, 1]])  # 2 and 3 real target tokens
+        model.train()
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+        model.eval()
+        model(input_ids=ids, attention_mask=mask, labels=labels)  # evaluation: not a training step
+    finally:
+        counter.uninstall()
+    assert counter.calls == [[(4, 2), (2, 3)]]
+    assert "labels" in __import__("inspect").signature(Model.forward).parameters
+
+
+def test_step_timer_excludes_warmup_steps():
+    timer = common.StepTimer()
+    timer.ends = [10.0, 12.0, 13.5, 15.0]
+    timer.cpu_ends = [1.0, 5.0, 8.0, 11.0]
+    assert timer.window(1) == (3, 5.0, 10.0)
+    with pytest.raises(RuntimeError):
+        timer.window(4)
+
+
+def test_verdict_reports_pass_and_the_size_of_a_miss():
+    assert bench_run.verdict(1.4, 1.3) == "PASS"
+    assert bench_run.verdict(2.4, 3.0).startswith("MISS (by 20%")
+    assert bench_run.verdict(1.1, 1.0, higher_is_better=False).startswith("MISS (by 10%")
+    assert bench_run.verdict(None, 1.0).startswith("n/a")
+
+
+def test_run_skips_with_a_message_when_shared_data_is_absent(monkeypatch, capsys):
+    monkeypatch.setattr(common, "shared_data_missing", lambda: "/nowhere/t5-small-tokenizer is absent")
+    assert bench_run.main(["--quick", "--output", "/nonexistent/RESULTS.md"]) == 0
+    assert "skipped: /nowhere/t5-small-tokenizer is absent" in capsys.readouterr().out

@@ -1,0 +1,168 @@
+"""The web page in a real headless Chromium against a real uvicorn server (Debian's /usr/bin/chromium, driven
+by Playwright's Python API; no browser download)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CONTEXT = "the code is kilo . the city is oslo . alpha bravo ."
+QUESTION = "what is the city?"
+KEY = "browser-test-key-71d0"
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package to run the browser tests",
+                allow_module_level=True)
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Predictor on the tiny model with an untied random output layer, so it answers non-empty text
+    (the tied tiny model answers "" to everything; see test_serve.make_talkative_model)."""
+    import torch
+
+    from t5qa.config import GenerateConfig
+    from t5qa.modeling import load_model, read_meta, save_model
+    from t5qa.predict import Predictor
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(
+        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
+    out = tmp_path_factory.mktemp("browser") / "talkative"
+    save_model(model, tokenizer, out, read_meta(tiny_model_dir))
+    predictor = Predictor.from_pretrained(out, generate=GenerateConfig(max_new_tokens=4))
+    assert predictor.answer(CONTEXT, QUESTION).text != ""
+    return predictor
+
+
+@contextlib.contextmanager
+def running_server(app: Any) -> Iterator[str]:
+    """Real uvicorn on a free loopback port, in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        instance = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+def _ask(page: Any, context: str, question: str) -> None:
+    page.fill("#context", context)
+    page.fill("#question", question)
+    page.click("#ask")
+
+
+def test_page_shows_the_predictors_answer_and_the_time(browser: Any, predictor: Any) -> None:
+    from t5qa.serve import create_app
+
+    with running_server(create_app(predictor)) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        assert page.title().startswith("t5qa")
+        _ask(page, CONTEXT, QUESTION)
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert page.text_content("#answer") == predictor.answer(CONTEXT, QUESTION).text
+        timing = page.text_content("#timing")
+        assert "model" in timing and "round trip" in timing and ("ms" in timing or " s" in timing)
+        assert page.is_hidden("#error")
+        if os.environ.get("T5QA_SCREENSHOT"):
+            page.screenshot(path=os.environ["T5QA_SCREENSHOT"], full_page=True)
+        page.close()
+
+
+class EchoPredictor:
+    """Answers with the question itself, so the test controls exactly what text the page must display."""
+
+    backend = "echo"
+
+    def answer_many(self, pairs: list[tuple[str, str]], **options: Any) -> list[Any]:
+        from t5qa.predict import Answer
+
+        return [Answer(text=q, score=-0.1, window_index=0, num_windows=1, seconds=0.0) for _, q in pairs]
+
+
+def test_page_shows_markup_as_text(browser: Any) -> None:
+    from t5qa.serve import create_app
+
+    markup = '<img id="injected" src="x" onerror="document.title=\'pwned\'"><b>bold</b>'
+    with running_server(create_app(EchoPredictor())) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        _ask(page, CONTEXT, markup)
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert page.text_content("#answer") == markup
+        assert page.query_selector("#injected") is None and page.query_selector("#answer b") is None
+        assert page.title() != "pwned"
+        page.close()
+
+
+def test_page_shows_errors_readably(browser: Any, predictor: Any) -> None:
+    from t5qa.config import ServeLimits
+    from t5qa.serve import create_app
+
+    with running_server(create_app(predictor, limits=ServeLimits(max_question_chars=20))) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        _ask(page, CONTEXT, "a question that is far too long for this server")
+        page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+        message = page.text_content("#error")
+        assert "413" in message and "limit is 20" in message
+        assert page.is_hidden("#result")
+        page.close()
+
+
+def test_page_sends_the_api_key_the_user_types(browser: Any, predictor: Any) -> None:
+    from t5qa.serve import create_app
+
+    with running_server(create_app(predictor, api_key=KEY)) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        # The page found out that the server wants a key (GET /health answered 401) and asks for it.
+        page.wait_for_selector("#key-row:not([hidden])", timeout=20_000)
+        _ask(page, CONTEXT, QUESTION)
+        page.wait_for_selector("#error:not([hidden])", timeout=20_000)
+        assert "401" in page.text_content("#error")
+        page.fill("#api-key", KEY)
+        page.click("#ask")
+        page.wait_for_selector("#result:not([hidden])", timeout=20_000)
+        assert page.text_content("#answer") == predictor.answer(CONTEXT, QUESTION).text
+        assert page.is_hidden("#error")
+        page.close()
