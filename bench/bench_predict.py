@@ -110,6 +110,7 @@ def main() -> None:
         "seconds": clock.seconds,
         "questions_per_second": len(pairs) / clock.seconds,
         "cpu_per_wall": clock.cpu_seconds / clock.seconds,
+        "questions_per_cpu_second": len(pairs) / clock.cpu_seconds,
         "answers": texts,
         **extra,
     }

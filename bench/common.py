@@ -174,6 +174,10 @@ def train_result(
         "useful_flop_per_second": flop / seconds,
         # CPU seconds per wall second: about THREADS when the process had its cores, less when it was starved
         "cpu_per_wall": cpu_seconds / seconds,
+        # the same rates per CPU-second: much less sensitive to other jobs taking the cores
+        "cpu_seconds": cpu_seconds,
+        "samples_per_cpu_second": samples / cpu_seconds,
+        "useful_flop_per_cpu_second": flop / cpu_seconds,
     }
     result.update(extra or {})
     return result

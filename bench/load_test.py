@@ -9,9 +9,9 @@ connection pool), and counts:
 plus p50/p90/p99 latency and throughput. The result is printed as JSON and, with --write, written to
 bench/LOAD_RESULTS.md.
 
-    .venv/bin/python bench/load_test.py --write                     # 2000 requests, 32 clients, tiny model
-    .venv/bin/python bench/load_test.py --model runs/x/best --write  # a trained model directory
-    .venv/bin/python bench/load_test.py --preset t5-small --write    # t5-small-shaped random model
+    .venv/bin/python bench/load_test.py --write                      # 2000 requests, 32 clients, tiny model
+    .venv/bin/python bench/load_test.py --model runs/x/best --append  # a trained model directory
+    .venv/bin/python bench/load_test.py --preset t5-small --requests 500 --append  # t5-small-shaped model
 
 The tiny/t5-small models are built locally with random weights (no download); their answers are meaningless,
 the serving path (HTTP parsing, validation, batching, generation, JSON) is the real one.
@@ -214,21 +214,33 @@ def build_model(preset: str, directory: Path) -> Path:
 
 
 def write_results(result: LoadResult, command: str, model: str, settings: dict[str, Any],
-                  load_average: tuple[float, float] | None = None) -> None:
-    """Write bench/LOAD_RESULTS.md."""
+                  load_average: tuple[float, float] | None = None, *, append: bool = False) -> None:
+    """Write bench/LOAD_RESULTS.md (or, with `append`, add this run as a new section)."""
     import torch
 
-    lines = [
+    header = [
         "# t5qa serve load test",
+        "",
+        "Each section is one run of `bench/load_test.py`: a real uvicorn server on loopback, the model in its",
+        "micro-batching worker, and the clients (httpx.AsyncClient) in the same process, so clients, server and",
+        "model share the machine's cores and Python's GIL: the figures are a floor, not a ceiling.",
+        "Dropped = connection errors, timeouts and 200 responses without one answer per pair. Latency is from",
+        "sending the request to reading the whole response, at the client. Model calls < requests shows the",
+        "server's micro-batching at work (concurrent requests answered in one generate call).",
+        "",
+        "The CI version (`tests/test_server_abuse.py::test_load_400_requests_32_clients_no_5xx_no_drops`, marked",
+        "slow) sends 400 requests from 32 clients and asserts zero 5xx, zero 4xx and zero dropped (no timing).",
+    ]
+    section = [
+        "",
+        f"## {model}",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU core(s) (shared), Python {platform.python_version()}, "
-        f"torch {torch.__version__} on CPU; loopback HTTP to uvicorn in the same process.",
-        f"Model: {model}. Server: {', '.join(f'{k}={v}' for k, v in settings.items())}.",
-        *([f"Machine load average (1 min) before/after the run: {load_average[0]:.1f} / {load_average[1]:.1f} "
-           "(other jobs shared the cores; latency figures are pessimistic when it exceeds the core count)."]
-          if load_average else []),
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU core(s), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, CPU. Server: {', '.join(f'{k}={v}' for k, v in settings.items())}.",
+        *([f"Load average (1 min) before/after the run: {load_average[0]:.1f} / {load_average[1]:.1f} (other "
+           "jobs shared the cores when it exceeds the core count)."] if load_average else []),
         "",
         "| requests | concurrent clients | ok | 4xx | 5xx | dropped | seconds | requests/s | "
         "p50 ms | p90 ms | p99 ms | max ms | model calls |",
@@ -237,17 +249,14 @@ def write_results(result: LoadResult, command: str, model: str, settings: dict[s
         f"{result.server_errors_5xx} | {result.dropped} | {result.seconds:.1f} | {result.requests_per_second} | "
         f"{result.latency_ms['p50']} | {result.latency_ms['p90']} | {result.latency_ms['p99']} | "
         f"{result.latency_ms['max']} | {result.server_batches} |",
-        "",
-        "Dropped = connection errors, timeouts and 200 responses without one answer per pair. Latency is from "
-        "sending the request to reading the whole response, at the client. Model calls < requests shows the "
-        "server's micro-batching at work (concurrent requests answered in one generate call).",
-        "",
-        "The CI version (`tests/test_server_abuse.py::test_load_400_requests_32_clients_no_5xx_no_drops`, marked "
-        "slow) sends 400 requests from 32 clients and asserts zero 5xx and zero dropped (no timing asserts).",
     ]
     if result.errors:
-        lines += ["", "Errors seen:", ""] + [f"- `{e}`" for e in result.errors]
-    RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        section += ["", "Errors seen:", ""] + [f"- `{e}`" for e in result.errors]
+    if append and RESULTS.is_file():
+        text = RESULTS.read_text(encoding="utf-8").rstrip("\n") + "\n" + "\n".join(section) + "\n"
+    else:
+        text = "\n".join(header + section) + "\n"
+    RESULTS.write_text(text, encoding="utf-8")
 
 
 def _load_average() -> float | None:
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per-request client timeout")
-    parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
+    parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name} (replacing it)")
+    parser.add_argument("--append", action="store_true", help=f"add this run to {RESULTS.name}")
     args = parser.parse_args(argv)
 
     import torch
@@ -288,14 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             result = run_load(url, requests=args.requests, concurrency=args.concurrency,
                               pairs_per_request=args.pairs_per_request, timeout_s=args.timeout_s)
     print(json.dumps(asdict(result), indent=2))
-    if args.write:
+    if args.write or args.append:
         command = ".venv/bin/python bench/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        model = args.model or f"{args.preset} preset, random weights"
+        model = args.model or f"{args.preset} preset, random weights, {len(predictor.tokenizer)}-token vocabulary"
         write_results(result, command.strip(), model, {"max_batch_size": args.max_batch_size,
                                                        "max_wait_ms": args.max_wait_ms,
                                                        "max_new_tokens": args.max_new_tokens,
                                                        "pairs_per_request": args.pairs_per_request},
-                      load_average=(load_before, _load_average()) if load_before is not None else None)
+                      load_average=(load_before, _load_average()) if load_before is not None else None,
+                      append=args.append)
     return 0 if result.server_errors_5xx == 0 and result.dropped == 0 and result.client_errors_4xx == 0 else 1
 
 

@@ -115,3 +115,23 @@ def t5_small_tokenizer_dir(shared_data) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """tiny_model_dir with weights scaled x3 and no <pad>/<unk> logits: it answers input-dependent,
+    non-empty text, so tests comparing answers (batch vs single, ct2 vs torch, server vs Predictor) can tell
+    answers apart."""
+    import torch
+
+    from t5qa.modeling import load_model, read_meta, save_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+        model.shared.weight[[tokenizer.pad_token_id, tokenizer.unk_token_id]] = 0.0
+    out = tmp_path_factory.mktemp("chatty") / "model"
+    save_model(model, tokenizer, out, read_meta(tiny_model_dir))
+    return out

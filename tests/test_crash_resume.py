@@ -284,10 +284,10 @@ def test_killed_at_every_dangerous_point_then_resumed_equals_uninterrupted(
         ("before_rename:9", True, 6),    # checkpoint 9 complete in its temp dir, never renamed
         ("during_prune:9", True, 9),     # checkpoint 9 in place; old step-3 half deleted by the pruning
     ]
+    from t5qa.train import verify_checkpoint
+
     for i, (hook, resume, newest_good) in enumerate(chain):
         where = run_and_kill_at(workspace, output, hook, resume=resume)
-        from t5qa.train import verify_checkpoint
-
         good = [p for p in (output / "checkpoints").glob("step-*") if verify_checkpoint(p) is None]
         newest = max(int(p.name.removeprefix("step-")) for p in good)
         assert newest == newest_good, f"after the kill at {where['at']}: newest intact checkpoint {newest}"
@@ -297,7 +297,7 @@ def test_killed_at_every_dangerous_point_then_resumed_equals_uninterrupted(
     assert Path(loaded[-1]["path"]).name == "step-9", loaded[-1]
     assert_only_intact_checkpoints_loaded(output, expected_resumes=4)
     assert_same_weights(final_weights(output), baseline["weights"])
-    # No temp directory is ever taken for a checkpoint, and the resumed run finished cleanly.
+    # The resumed run finished cleanly, and its metrics log holds each logged step once, in order.
     assert "Traceback" not in err
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     train_steps = [row["step"] for row in metrics if row["split"] == "train"]
@@ -458,35 +458,55 @@ def _disk_full_config(workspace: dict[str, Path], output: Path) -> Any:
                              validation=str(workspace["validation"]), output=str(output), **flags)
 
 
+@pytest.mark.parametrize("where", ["checkpoint", "final_model"])
 def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(
-        workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        workspace: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """The disk fills half-way through checkpoint step-6 (in accelerate's torch.save of the optimizer), or
+    while writing last/ at the end (in the safetensors write): a one-line error that says so, and the
+    previous checkpoint stays intact for --resume."""
     import torch
+    import transformers.modeling_utils
 
     from t5qa import train
     from t5qa.errors import CheckpointError, TrainingError
 
     output = tmp_path / "full"
-    real_save = torch.save
 
-    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-        # The second checkpoint (step 6) runs out of space half-way through its files.
-        if isinstance(f, (str, os.PathLike)) and Path(f).parent.name == ".tmp-step-6":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
-        return real_save(obj, f, *args, **kwargs)
+    def disk_full(path: Any) -> OSError:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(torch, "save", save)
-    cfg = _disk_full_config(workspace, output)
+    if where == "checkpoint":
+        real_save = torch.save
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(f, (str, os.PathLike)) and Path(f).parent.name == ".tmp-step-6":
+                raise disk_full(f)
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+        good = output / "checkpoints" / "step-3"
+    else:
+        real_safe_save = transformers.modeling_utils.safe_save_file
+
+        def safe_save(tensors: Any, filename: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(filename).parent.name.startswith(".last.tmp"):
+                raise disk_full(filename)
+            return real_safe_save(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", safe_save)
+        good = output / "checkpoints" / "step-6"
     with pytest.raises(T5QAError) as info:
-        train.fit(cfg, progress=False)
+        train.fit(_disk_full_config(workspace, output), progress=False)
     assert isinstance(info.value, (CheckpointError, TrainingError))
     message = str(info.value)
     assert "\n" not in message
     assert "disk" in message.lower() and ("full" in message.lower() or "space" in message.lower()), message
-    assert "step-3" in message or "checkpoint" in message
-    good = output / "checkpoints" / "step-3"
     assert train.verify_checkpoint(good) is None
-    assert not (output / "checkpoints" / "step-6").exists()
-    # The half-written temporary directory is removed: on a full disk, its space is what the user needs back.
-    assert not (output / "checkpoints" / ".tmp-step-6").exists()
     # The intact previous checkpoint is what a resume would load.
     assert train._latest_good_checkpoint(output) == good
+    # Half-written temporary directories are removed: on a full disk, their space is what the user needs back.
+    leftovers = [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
+    leftovers += [p.name for p in output.iterdir() if p.name.startswith(".last")]
+    assert leftovers == []
+    if where == "checkpoint":
+        assert not (output / "checkpoints" / "step-6").exists()

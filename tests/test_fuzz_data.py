@@ -475,7 +475,7 @@ def test_cli_prepare_on_fuzzed_records_exits_cleanly(capsys: pytest.CaptureFixtu
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("text", [
-    "\\ud800 lone surrogate escape",        # valid JSON, not encodable as UTF-8
+    "\\ud800 lone surrogate escape",  # valid JSON, not encodable as UTF-8
     "nul \\u0000 and \\u2028 separators \\u0085",
     "\\u202e\\u05d0 e\\u0301 \\ud83d\\ude00",  # RTL override, Hebrew, combining mark, an escaped emoji pair
 ])

@@ -31,28 +31,9 @@ QUESTION = "what is the city?"
 KEY = "s3cret-key-for-tests-9f2c"
 
 
-def make_talkative_model(tiny_model_dir: Path, out: Path) -> Path:
-    """The conftest tiny model with its own random output layer, saved to `out`.
-
-    The tiny model ties its output layer to its input embeddings, so, untrained, it copies its start token
-    (the pad token) forever and answers "" to every question: "the server's answer equals the Predictor's"
-    would then hold for any server. An untied random output layer makes it answer varied, non-empty text.
-    """
-    import torch
-
-    from t5qa.modeling import load_model, read_meta, save_model
-
-    model, tokenizer = load_model(str(tiny_model_dir))
-    generator = torch.Generator().manual_seed(1)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=generator))
-    save_model(model, tokenizer, out, read_meta(tiny_model_dir))
-    return out
-
-
 @pytest.fixture(scope="module")
-def model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_talkative_model(tiny_model_dir, tmp_path_factory.mktemp("serve") / "talkative")
+def model_dir(chatty_model_dir: Path) -> Path:
+    return chatty_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -30,22 +30,12 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Pyt
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A Predictor on the tiny model with an untied random output layer, so it answers non-empty text
-    (the tied tiny model answers "" to everything; see test_serve.make_talkative_model)."""
-    import torch
-
+def predictor(chatty_model_dir: Path) -> Any:
+    """A Predictor on the chatty tiny model, which answers varied, non-empty text."""
     from t5qa.config import GenerateConfig
-    from t5qa.modeling import load_model, read_meta, save_model
     from t5qa.predict import Predictor
 
-    model, tokenizer = load_model(str(tiny_model_dir))
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(
-        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(1)))
-    out = tmp_path_factory.mktemp("browser") / "talkative"
-    save_model(model, tokenizer, out, read_meta(tiny_model_dir))
-    predictor = Predictor.from_pretrained(out, generate=GenerateConfig(max_new_tokens=4))
+    predictor = Predictor.from_pretrained(chatty_model_dir, generate=GenerateConfig(max_new_tokens=4))
     assert predictor.answer(CONTEXT, QUESTION).text != ""
     return predictor
 

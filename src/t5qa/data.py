@@ -386,7 +386,9 @@ def _resolve_columns(columns: Sequence[str], config: DataConfig, where: str) -> 
             problems.append(f"no {role} column (looked for {names}; pass {flag} NAME)")
         chosen[role] = found
     if problems:
-        shown = ", ".join(available[:40]) + (", ..." if len(available) > 40 else "")
+        # repr() for names with line breaks or control characters, so the message stays one line.
+        shown = ", ".join(c if c.isprintable() else repr(c) for c in available[:40])
+        shown += ", ..." if len(available) > 40 else ""
         raise DataError(f"{where}: {'; '.join(problems)}; available columns: {shown}")
     # Offsets travel with plain-string answers in our own JSONL (answer_starts) and in flat SQuAD exports.
     chosen["start"] = next((lower[c] for c in _START_COLUMNS if c in lower), None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from t5qa.encode import Window, encode_windows, format_source
 from t5qa.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 BACKENDS = ("torch", "ct2")
 # Answer length limit when the model directory says nothing about its training answers.
@@ -274,6 +276,8 @@ class Predictor:
         for index, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
                 raise DataError(f"pair {index}: expected (context, question) as two strings, got {pair!r:.80}")
+        # Lone UTF-16 surrogates (JSON escapes such as "\ud800") cannot be tokenised; U+FFFD keeps every offset.
+        pairs = [(_LONE_SURROGATE.sub("\ufffd", c), _LONE_SURROGATE.sub("\ufffd", q)) for c, q in pairs]
         cfg = self.encode
         sources = [format_source(cfg.prompt_template, question, context) for context, question in pairs]
         ids = self.tokenizer(sources)["input_ids"] if sources else []

@@ -446,9 +446,14 @@ def _build_app(load: Callable[[], Any], *, api_key: str | None, limits: ServeLim
             logger.info("model loaded from %s (backend %s)", state.model_dir, state.backend)
         state.started = time.monotonic()
         state.batcher.start()
+        redact = _RedactKey(api_key) if api_key else None
+        if redact is not None:  # a client that puts the key in the URL must not get it into the access log
+            logging.getLogger("uvicorn.access").addFilter(redact)
         try:
             yield
         finally:
+            if redact is not None:
+                logging.getLogger("uvicorn.access").removeFilter(redact)
             await state.batcher.stop()
 
     app = FastAPI(
@@ -551,6 +556,20 @@ def _build_app(load: Callable[[], Any], *, api_key: str | None, limits: ServeLim
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
         _document_security(app)
     return app
+
+
+class _RedactKey(logging.Filter):
+    """Replaces the API key with [redacted] in log records."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if self.key in message:
+            record.msg, record.args = message.replace(self.key, "[redacted]"), ()
+        return True
 
 
 def _version() -> str:

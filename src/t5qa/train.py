@@ -301,9 +301,12 @@ def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
         # A fixed learning rate (our scheduler drives it), not Adafactor's own relative step size.
         return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
                          warmup_init=False)
-    # foreach (multi-tensor) AdamW: measured faster than the per-parameter loop on CPU, and `fused` is not
-    # faster on CPU for these sizes (see the report of the training task); on GPU foreach is PyTorch's default.
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, foreach=True)
+    # The fused kernel: on CPU (t5qa "mini", 1 thread) 3.7 ms per step against 16.5 ms for the per-parameter
+    # loop and 19.8 ms for foreach; fused is also the fastest on GPU. Older torch builds lack it for some devices.
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
 def _make_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:
@@ -549,7 +552,10 @@ def _save_model_dir(run: TrainingRun, directory: Path, state: TrainerState) -> N
         model = accelerator.unwrap_model(run.model)
         # A LoRA run saves its adapter (which names the base model); `t5qa` tools load it onto the base.
         save = save_adapter if is_lora_model(model) else save_model
-        save(model, run.tokenizer, directory, _model_meta(run, state))
+        try:
+            save(model, run.tokenizer, directory, _model_meta(run, state))
+        except OSError as exc:
+            raise _write_error(run, exc, f"the model to {directory}") from None
     accelerator.wait_for_everyone()
 
 
@@ -633,7 +639,28 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(run: TrainingRun, state: TrainerState) -> Path:
-    """Write checkpoints/step-N atomically: temp dir, fsync, checksum marker, rename; prune old ones."""
+    """Write checkpoints/step-N atomically; a failed write (e.g. a full disk) leaves no temp dir behind."""
+    tmp = run.output_dir / CHECKPOINTS_DIR / f".tmp-step-{state.step}"
+    try:
+        return _save_checkpoint_unsafe(run, state)
+    except OSError as exc:
+        if run.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(run, exc, f"checkpoint step-{state.step}") from None
+
+
+def _write_error(run: TrainingRun, exc: OSError, what: str) -> CheckpointError:
+    import errno
+
+    good = _complete_checkpoints(run.output_dir)
+    kept = f"the last good checkpoint {good[0]} is intact" if good else "no checkpoint had been written yet"
+    reason = ("the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+              else exc.strerror or type(exc).__name__)
+    return CheckpointError(f"cannot write {what} ({exc.filename}): {reason}; {kept}. Free some space (or use "
+                           f"--output on another disk) and continue with --resume")
+
+
+def _save_checkpoint_unsafe(run: TrainingRun, state: TrainerState) -> Path:
     accelerator = run.accelerator
     if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
         raise _non_finite_error(run, state.step, state.epoch, "model weights")  # never save them over a good one

@@ -52,6 +52,11 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     # Libraries' own chatter stays out of the user's way unless --verbose.
     for noisy in ("transformers", "datasets", "accelerate", "urllib3", "httpx", "filelock", "torch"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        # "Loading weights" / "Writing model shards" bars on every load and save drown t5qa's own output.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -111,7 +111,8 @@ def run_predict(args: argparse.Namespace) -> int:
     answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], progress=not args.no_progress)
     seconds = time.perf_counter() - started
     rows = [
-        {"id": ex.id, "question": ex.question, "prediction": a.text, "score": round(a.score, 6),
+        {"id": _valid_text(ex.id), "question": _valid_text(ex.question), "prediction": a.text,
+         "score": round(a.score, 6),
          "window": a.window_index, "num_windows": a.num_windows}
         for ex, a in zip(examples, answers)
     ]
@@ -168,3 +169,10 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {out} (CTranslate2, {args.quantization}, {size_mb:.1f} MB); answer with: "
           f"t5qa predict --backend ct2 --model {out} ...")
     return 0
+
+
+def _valid_text(text: str) -> str:
+    """Lone UTF-16 surrogates (from JSON escapes) replaced with U+FFFD, so the row can be written as UTF-8."""
+    import re
+
+    return re.sub("[\ud800-\udfff]", "\ufffd", text)

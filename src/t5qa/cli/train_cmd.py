@@ -7,6 +7,7 @@ from typing import Any
 
 from t5qa.cli.common import add_config_flags, config_overrides
 from t5qa.config import TrainConfig
+from t5qa.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -22,10 +23,10 @@ def register(sub: Any) -> None:
                         help="YAML file of settings (a run directory's config.yaml works); flags override it")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar (default: when stderr is a terminal)")
-    # DataConfig.seed (the split's) and TrainConfig.seed share a name; --seed is the training seed, as in YAML.
-    add_config_flags(parser, TrainConfig, exclude=("seed",), group_title="training settings")
-    parser.add_argument("--seed", type=int, default=None, metavar="N",
-                        help="seed of model initialisation, data order and dropout (default: 42)")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --lora-rank: also write OUTPUT/best-merged, a plain model with the adapter "
+                             "folded in, which predict and serve load like any other")
+    add_config_flags(parser, TrainConfig, group_title="training settings")
     parser.set_defaults(func=run)
 
 
@@ -35,9 +36,17 @@ def run(args: argparse.Namespace) -> int:
     from t5qa.train import fit
 
     cfg = load_train_config(args.config, **config_overrides(args, TrainConfig))
+    if args.merge and cfg.lora_rank is None:
+        raise ConfigError("--merge needs --lora-rank: without LoRA there is no adapter to merge")
     result = fit(cfg, progress=args.progress)
     if not _is_main_process():
         return 0
+    if args.merge:
+        from t5qa.lora import merge_adapter
+
+        merged = merge_adapter(result.best_dir, result.output_dir / "best-merged",
+                               trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
+        print(f"merged model: {merged}")
     best = "n/a" if result.best_metric is None else f"{result.best_metric:.2f}"
     print(f"trained {result.steps} steps{' (stopped early)' if result.stopped_early else ''}; "
           f"best {cfg.metric_for_best}: {best}")

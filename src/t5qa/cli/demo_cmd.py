@@ -1,0 +1,47 @@
+"""`t5qa demo`: train, evaluate, report and answer on the bundled sample data, with no arguments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Add the `demo` subcommand."""
+    parser = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the bundled sample data in a few minutes",
+        description="Fine-tune on the bundled machine-learning QA sample, evaluate on its held-out contexts, "
+                    "write the run report and answer a question. Uses t5-small when the Hugging Face Hub is "
+                    "reachable, otherwise a small model trained from scratch.",
+    )
+    parser.add_argument("--output", default="runs/demo", help="demo directory (default: runs/demo)")
+    parser.add_argument("--offline", action="store_true",
+                        help="do not try the Hub: train a small model from scratch")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show progress bars (default: when stderr is a terminal)")
+    # Quick checks (tests, CI): fewer optimizer steps. Also settable with T5QA_DEMO_MAX_STEPS.
+    parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo and print the scores, the report's path and the answer."""
+    from t5qa.demo import FROM_SCRATCH_NOTE, run_demo
+
+    max_steps = args.max_steps or (int(os.environ["T5QA_DEMO_MAX_STEPS"])
+                                   if os.environ.get("T5QA_DEMO_MAX_STEPS") else None)
+    result = run_demo(args.output, offline=args.offline, max_steps=max_steps, progress=args.progress)
+    metrics = result.test_metrics
+    print(f"model: {'t5-small (pretrained, fine-tuned)' if result.pretrained else 'tiny model trained from scratch'}"
+          f" -> {result.model_dir}")
+    print(f"held-out test: exact match {metrics.get('exact_match', 0.0):.1f}, F1 {metrics.get('f1', 0.0):.1f} "
+          f"({int(metrics.get('count', 0))} questions)")
+    print(f"report: {result.report}")
+    print(f"question: {result.question}")
+    print(f"answer: {result.answer!r} (reference: {result.reference!r})")
+    if not result.pretrained:
+        print(f"note: {FROM_SCRATCH_NOTE}")
+    print(f"demo took {result.seconds:.0f} s")
+    return 0

@@ -1,0 +1,39 @@
+"""`t5qa demo` in its quick mode: trains from scratch offline, prints EM/F1, the report path and an answer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from t5qa.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_demo_quick_mode_prints_scores_report_and_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["demo", "--offline", "--output", str(tmp_path / "demo"), "--max-steps", "4", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    scores = re.search(r"held-out test: exact match (\d+\.\d), F1 (\d+\.\d) \((\d+) questions\)", out)
+    assert scores, out
+    assert 0.0 <= float(scores.group(1)) <= float(scores.group(2)) <= 100.0 and int(scores.group(3)) > 0
+    report = Path(re.search(r"^report: (.+)$", out, re.M).group(1))
+    assert report.is_file() and report.parent == tmp_path / "demo" / "run"
+    assert "What is an example of anomaly detection?" in out
+    assert re.search(r"^answer: '.*' \(reference: 'credit card fraud detection'\)$", out, re.M), out
+    assert "trained from scratch" in out and "not the quality of a pretrained model" in out
+    assert (tmp_path / "demo" / "run" / "best" / "model.safetensors").is_file()
+    # The test contexts are held out: none of them was trained on.
+    train = (tmp_path / "demo" / "data" / "train.jsonl").read_text()
+    test_rows = (tmp_path / "demo" / "data" / "test.jsonl").read_text().splitlines()
+    import json
+    assert test_rows and all(json.loads(r)["context"] not in train for r in test_rows)
