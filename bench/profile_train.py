@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import common
 
@@ -60,7 +59,6 @@ def main() -> None:
 
     common.set_threads()
     logging.basicConfig(level=logging.WARNING)
-    import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from t5qa.config import EncodeConfig, TrainConfig

@@ -280,6 +280,11 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
         add("Not profiled yet: run `python bench/profile_train.py` (writes bench/PROFILE.md).")
     add("")
 
+    levers = HERE / "experiments" / "LEVERS.md"
+    if levers.is_file():
+        add("## " + levers.read_text(encoding="utf-8").strip().lstrip("# "))
+        add("")
+
     add("## Commands (each in its own process, in this order)")
     add("")
     for name, r in results.items():

@@ -135,3 +135,36 @@ def chatty_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("chatty") / "model"
     save_model(model, tokenizer, out, read_meta(tiny_model_dir))
     return out
+
+
+def load_bench_load_test():
+    """bench/load_test.py as a module: its `running_server` (real uvicorn on a free loopback port, in a
+    thread) and `run_load` serve both the load benchmark and the server tests."""
+    import importlib.util
+    import sys
+
+    name = "t5qa_bench_load_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / "load_test.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def running_server(app, **options):
+    """Context manager: `app` served by real uvicorn on a free loopback port; yields the base URL."""
+    return load_bench_load_test().running_server(app, **options)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Two test processes share two cores: one intra-op thread each is far faster than oversubscribing."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

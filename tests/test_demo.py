@@ -6,17 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from t5qa.cli import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_demo_quick_mode_prints_scores_report_and_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

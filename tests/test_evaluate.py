@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -181,6 +180,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     with open({out!r} + f"/rank{{accelerator.process_index}}.json", "w") as handle:
         json.dump({{"metrics": result.metrics, "predictions": result.predictions,
                    "processes": accelerator.num_processes}}, handle)
+    accelerator.wait_for_everyone()
+    import torch.distributed
+    torch.distributed.destroy_process_group()  # one left to interpreter shutdown can abort a worker
 """)
 
 

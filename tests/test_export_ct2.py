@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import synthetic_copy_examples
 from t5qa.config import GenerateConfig

@@ -103,3 +103,27 @@ def test_save_model_replaces_atomically(tiny_model, tmp_path):
     assert read_meta(target) == {"step": 2}
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "best"]
     assert leftovers == []
+
+
+def test_unreachable_hub_is_detected_up_front_without_retries(monkeypatch):
+    import time
+
+    import t5qa.modeling as modeling
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(modeling, "hub_reachable", lambda timeout_s=3.0: False)
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match="Hub is unreachable"):
+        load_model("google/flan-t5-small")
+    assert time.perf_counter() - started < 20  # from_pretrained's own retries take about a minute
+
+
+def test_hub_reachable_honours_offline_mode(monkeypatch):
+    import t5qa.modeling as modeling
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    modeling.hub_reachable.cache_clear()
+    try:
+        assert modeling.hub_reachable() is False
+    finally:
+        modeling.hub_reachable.cache_clear()

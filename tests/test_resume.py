@@ -17,14 +17,6 @@ import torch
 from test_train import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture()
 def dropout_model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
     """The tiny model with dropout on, so an exact resume also needs the random state restored."""

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from conftest import running_server
 from t5qa.errors import ModelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -244,21 +245,13 @@ def test_serve_warns_when_exposed_without_a_key(tiny_model_dir: Path, monkeypatc
 def keyed_server(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> Iterator[str]:
     """A real uvicorn server with an API key, every log record captured at DEBUG."""
     pytest.importorskip("uvicorn")
-    import importlib.util
-    import sys
 
     from t5qa.predict import Predictor
     from t5qa.serve import create_app
 
-    spec = importlib.util.spec_from_file_location("t5qa_bench_load_test", REPO_ROOT / "bench" / "load_test.py")
-    assert spec is not None and spec.loader is not None
-    bench = sys.modules.get(spec.name) or importlib.util.module_from_spec(spec)
-    if spec.name not in sys.modules:
-        sys.modules[spec.name] = bench
-        spec.loader.exec_module(bench)
     caplog.set_level(logging.DEBUG)
     app = create_app(Predictor.from_pretrained(tiny_model_dir), api_key=KEY)
-    with bench.running_server(app, log_level="debug") as url:
+    with running_server(app, log_level="debug") as url:
         yield url
 
 

@@ -7,10 +7,8 @@ delay per model call, so "fewer model calls than requests" does not depend on ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ pytest.importorskip("fastapi")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import running_server
 from t5qa.config import GenerateConfig, ServeLimits  # noqa: E402
 from t5qa.predict import Answer, Predictor  # noqa: E402
 from t5qa.serve import STATIC_DIR, create_app, create_app_from_dir  # noqa: E402
@@ -355,38 +354,13 @@ def test_api_key_never_appears_in_logs(predictor: Predictor, caplog: pytest.LogC
 
 def test_api_key_stays_out_of_real_uvicorn_logs(predictor: Predictor, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    with running_server(create_app(predictor, api_key=KEY)) as base:
+    with running_server(create_app(predictor, api_key=KEY), log_level="debug") as base:
         ok = httpx.post(f"{base}/v1/answer", json=GOOD, headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
         denied = httpx.post(f"{base}/v1/answer", json=GOOD, headers={"X-API-Key": "nope"}, timeout=30)
     assert (ok.status_code, denied.status_code) == (200, 401)
     assert ok.json()["answer"]["text"] == predictor.answer(CONTEXT, QUESTION).text
     assert any(r.name == "uvicorn.access" for r in caplog.records)  # the access log was captured...
     assert KEY not in caplog.text  # ...and holds no key
-
-
-@contextlib.contextmanager
-def running_server(app: Any) -> Iterator[str]:
-    """Real uvicorn on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    # log_config=None: uvicorn's loggers propagate to the root logger, where caplog sees them.
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="debug", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 # ------------------------------------------------------------------------------------------------- page

@@ -3,11 +3,7 @@ by Playwright's Python API; no browser download)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +24,8 @@ if not CHROMIUM.exists():
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
 
+from conftest import running_server  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def predictor(chatty_model_dir: Path) -> Any:
@@ -38,30 +36,6 @@ def predictor(chatty_model_dir: Path) -> Any:
     predictor = Predictor.from_pretrained(chatty_model_dir, generate=GenerateConfig(max_new_tokens=4))
     assert predictor.answer(CONTEXT, QUESTION).text != ""
     return predictor
-
-
-@contextlib.contextmanager
-def running_server(app: Any) -> Iterator[str]:
-    """Real uvicorn on a free loopback port, in a thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ request must still succeed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -26,6 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
+from conftest import load_bench_load_test
 from t5qa.config import GenerateConfig, ServeLimits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +34,7 @@ LIMITS = ServeLimits(max_request_bytes=100_000, max_pairs_per_request=16, max_co
                      max_question_chars=200, max_num_beams=4, max_new_tokens_cap=16)
 
 
-def _load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("t5qa_bench_load_test", REPO_ROOT / "bench" / "load_test.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_bench_load_test()
 
 
 @pytest.fixture(scope="module")

@@ -7,21 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from conftest import synthetic_copy_examples
 from t5qa.config import load_train_config
 from t5qa.data import write_jsonl
 from t5qa.errors import ConfigError, TrainingError
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Several test processes share two cores: one intra-op thread each is far faster than oversubscribing."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_data(root: Path, n_train: int = 24, n_val: int = 6) -> dict[str, Path]:

@@ -8,21 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import FILLER, KEYS, VALUES
 from t5qa.cli import main
 from t5qa.data import QAExample, write_jsonl
 from test_train import make_data
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def base_args(model_dir: Path, root: Path) -> list[str]:

@@ -6,6 +6,7 @@ they need `allow_pickle=True`), and `trust_remote_code` stays off unless the cal
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -58,8 +59,37 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.rstrip(os.sep) and name.count("/") > 1
 
 
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers a TCP connection within `timeout_s` (False with HF_HUB_OFFLINE=1).
+
+    Checked once per process so an unreachable Hub costs seconds, not the minute of retries that
+    `from_pretrained` spends before it gives up.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_kwargs(name: str) -> dict[str, Any]:
+    """Load a Hub name from the local cache only when the Hub cannot be reached."""
+    if _is_local(name) or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
 def _raise_load_error(name: str, what: str, exc: Exception) -> None:
     text = str(exc)
+    if not _is_local(name) and not _looks_like_path(name) and not hub_reachable():
+        raise ModelError(hub_unreachable_message(name)) from None
     if not _is_local(name):
         if _looks_like_path(name):
             raise ModelError(f"{name}: no such {what} directory; check the path given to --model") from None
@@ -79,7 +109,8 @@ def load_tokenizer(name_or_dir: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_dir), trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(name_or_dir), trust_remote_code=trust_remote_code,
+                                             **_hub_kwargs(str(name_or_dir)))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _raise_load_error(str(name_or_dir), "tokenizer", exc)
         raise  # unreachable; keeps type checkers happy
@@ -135,7 +166,7 @@ def load_model(
     if _is_local(name):
         check_weights_are_safe(name, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_hub_kwargs(name)}
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     if dtype is not None:

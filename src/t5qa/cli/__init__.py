@@ -78,6 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # e.g. `t5qa predict ... | head`
         return 0
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Tear down a torch.distributed process group (under accelerate launch / torchrun) before exit: one left
+    for the interpreter's shutdown can abort the process ("terminate called without an active exception")."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def entry() -> None:
