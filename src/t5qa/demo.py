@@ -37,6 +37,8 @@ class DemoResult:
     """True when t5-small was fine-tuned; False for the from-scratch model."""
     model_dir: Path
     report: Path
+    question_split: str
+    """The split ("train", "validation" or "test") holding the demo question's context."""
     test_metrics: dict[str, float]
     question: str
     context: str
@@ -83,14 +85,18 @@ def run_demo(output: str | Path, *, offline: bool = False, max_steps: int | None
                             eval_every_steps=max(1, steps // 2), keep_checkpoints=1)
     result = fit(cfg, progress=progress)
 
-    predictor = Predictor.from_pretrained(result.best_dir, generate=GenerateConfig())
+    # A from-scratch model scores 0 on held-out contexts at every evaluation, so "best" is just the first one;
+    # the last model is the one that trained longest.
+    model_dir = result.best_dir if pretrained else result.last_dir
+    predictor = Predictor.from_pretrained(model_dir, generate=GenerateConfig())
     model, tokenizer = predictor.model, predictor.tokenizer
     test = evaluate_model(model, tokenizer, splits["test"], cfg.encode, GenerateConfig(
         max_new_tokens=predictor.max_new_tokens()), batch_size=cfg.eval_batch_size)
     example = next(e for e in examples if e.question == DEMO_QUESTION)
+    question_split = next(name for name, part in splits.items() if any(e.id == example.id for e in part))
     answer = predictor.answer(example.context, example.question)
     report = result.output_dir / f"report.{cfg.report_format}"
-    return DemoResult(pretrained=pretrained, model_dir=result.best_dir, report=report,
+    return DemoResult(pretrained=pretrained, model_dir=model_dir, report=report, question_split=question_split,
                       test_metrics={k: v for k, v in test.metrics.items() if isinstance(v, (int, float))},
                       question=example.question, context=example.context, answer=answer.text,
                       reference=example.answers[0] if example.answers else "",

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {result.report}")
     print(f"question: {result.question}")
     print(f"answer: {result.answer!r} (reference: {result.reference!r})")
+    if result.question_split == "train":
+        print("this question's context is in the training split, so the answer shows what the model learned "
+              "from it, not how it handles unseen text (that is the held-out score above)")
     if not result.pretrained:
         print(f"note: {FROM_SCRATCH_NOTE}")
     print(f"demo took {result.seconds:.0f} s")
