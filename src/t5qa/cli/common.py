@@ -73,6 +73,19 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, exclude: Ite
             target.add_argument(flag, type=str, default=None, help=text)
 
 
+# The DataConfig fields that say how to read a file (as opposed to how to clean or split it).
+DATA_COLUMN_FLAGS = ("format", "context_column", "question_column", "answer_column", "id_column", "hf_split",
+                     "no_answer_values")
+
+
+def add_data_column_flags(parser: argparse.ArgumentParser, group_title: str = "data columns") -> None:
+    """Flags that map a user's file to contexts, questions, answers and ids (--context-column, ...)."""
+    from t5qa.config import DataConfig
+
+    excluded = [name for name in DataConfig.__dataclass_fields__ if name not in DATA_COLUMN_FLAGS]
+    add_config_flags(parser, DataConfig, exclude=excluded, group_title=group_title)
+
+
 def config_overrides(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The config fields the user set on the command line."""
     values = vars(args)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from t5qa.cli.common import add_config_flags, config_overrides, print_json, print_table
+from t5qa.cli.common import add_data_column_flags, add_config_flags, config_overrides, print_json, print_table
 from t5qa.config import DataConfig, GenerateConfig, from_dict
 from t5qa.errors import ConfigError
 
-_DATA_FLAGS = ("format", "context_column", "question_column", "answer_column", "id_column", "hf_split",
-               "no_answer_values")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,8 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     add_config_flags(p, GenerateConfig, group_title="generation (with --model)")
-    add_config_flags(p, DataConfig, group_title="data columns",
-                     exclude=[f for f in DataConfig.__dataclass_fields__ if f not in _DATA_FLAGS])
+    add_data_column_flags(p, group_title="data columns")
     p.set_defaults(func=run)
 
 

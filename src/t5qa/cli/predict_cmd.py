@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from t5qa.cli.common import add_config_flags, config_overrides, print_json
+from t5qa.cli.common import add_data_column_flags, add_config_flags, config_overrides, print_json
 from t5qa.config import DataConfig, GenerateConfig, from_dict
 from t5qa.errors import ConfigError, DataError
 
 # Output formats of `t5qa predict --data`, by the output file's extension.
 _OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".csv": "csv", ".tsv": "tsv",
                    ".json": "json"}
-_DATA_FLAGS = ("format", "context_column", "question_column", "answer_column", "id_column", "hf_split")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,8 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_flags(p, GenerateConfig, group_title="generation")
-    add_config_flags(p, DataConfig, group_title="data columns (for --data)",
-                     exclude=[f for f in DataConfig.__dataclass_fields__ if f not in _DATA_FLAGS])
+    add_data_column_flags(p, group_title="data columns (for --data)")
     p.set_defaults(func=run_predict)
 
     e = sub.add_parser(
