@@ -432,3 +432,28 @@ def test_lone_surrogates_from_json_escapes_are_replaced_and_counted(tmp_path: Pa
     assert report.normalised["lone_surrogate_replaced"] == 1
     write_jsonl(kept, tmp_path / "out.jsonl")  # now encodable as UTF-8
     assert load_examples(tmp_path / "out.jsonl")[0].context == "a \ufffd b"
+
+
+def test_qed_jsonlines_maps_paragraph_question_and_answer_spans(tmp_path):
+    import json
+
+    from t5qa.config import DataConfig
+    from t5qa.data import load_dataset
+
+    paragraph = "The first prize was awarded in 1901 to Wilhelm Roentgen of Germany ."
+    rows = [
+        {"example_id": 7, "question_text": "who won the first prize", "paragraph_text": paragraph,
+         "original_nq_answers": [[{"start": 39, "end": 66, "string": "Wilhelm Roentgen of Germany"}],
+                                 [{"start": 39, "end": 55, "string": "Wilhelm Roentgen"}]]},
+        {"example_id": 8, "question_text": "when was it awarded", "paragraph_text": paragraph,
+         "original_nq_answers": [[{"start": 31, "end": 35, "string": "1901"}]]},
+    ]
+    path = tmp_path / "qed.jsonlines"
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    examples, report = load_dataset(path, DataConfig())
+    assert [e.id for e in examples] == ["7", "8"]
+    assert examples[0].answers == ("Wilhelm Roentgen of Germany", "Wilhelm Roentgen")
+    for ex in examples:
+        for answer, start in zip(ex.answers, ex.answer_starts):
+            assert ex.context[start:start + len(answer)] == answer
+    assert report.total_out == 2

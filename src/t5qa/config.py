@@ -37,7 +37,7 @@ class DataConfig:
     """How to read and split a user's question-answer data."""
 
     format: str | None = None
-    """File format; None detects it from the content (squad, json, jsonl, csv, tsv, parquet, pubmedqa, hf_disk)."""
+    """File format; None detects it from the content (squad, json, jsonl, csv, tsv, parquet, pubmedqa, qed, hf_disk)."""
     context_column: str | None = None
     """Column holding the context; None recognises `context`."""
     question_column: str | None = None

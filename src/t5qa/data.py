@@ -6,6 +6,7 @@ Supported sources (detected from the content; `DataConfig.format` overrides):
 - `json` (a list of records or `{"data": [...]}`), `jsonl`, `csv`, `tsv`, `parquet`: flat records whose columns
   are mapped with `DataConfig.*_column` (by default `context`, `question`, `answer`/`answers`, `id`);
 - `pubmedqa`: PubMedQA's dict of id -> {QUESTION, CONTEXTS, LONG_ANSWER};
+- `qed`: QED's own JSON lines (paragraph_text, question_text, original_nq_answers spans);
 - `hf`: a `datasets` Dataset/DatasetDict saved with `save_to_disk`, or a Hugging Face Hub dataset name.
 
 Cleaning (`clean_examples`) never drops anything silently: every change, drop and flag is counted per reason in a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import ast
 import bisect
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -35,7 +37,7 @@ from t5qa.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("squad", "json", "jsonl", "csv", "tsv", "parquet", "hf", "hf_disk", "pubmedqa")
+FORMATS = ("squad", "json", "jsonl", "csv", "tsv", "parquet", "hf", "hf_disk", "pubmedqa", "qed")
 # Column names recognised without flags, in order of preference.
 DEFAULT_COLUMNS = {
     "context": ("context",),
@@ -482,8 +484,14 @@ def _read_json_records(path: Path, obj: Any, config: DataConfig) -> list[QAExamp
     return _records_to_examples(rows, _union_keys(records), config, str(path))
 
 
+_QED_KEYS = {"paragraph_text", "question_text", "original_nq_answers"}
+
+
 def _read_jsonl(path: Path, text: str, config: DataConfig) -> list[QAExample]:
     parsed = _parse_jsonl(path, text)
+    if config.format == "qed" or (config.format is None and parsed and _QED_KEYS <= parsed[0][1].keys()
+                                  and config.context_column is None):
+        return _read_qed(path, parsed)
     rows = [(f"line {n}", record) for n, record in parsed]
     return _records_to_examples(rows, _union_keys(r for _, r in parsed), config, str(path))
 
@@ -598,6 +606,35 @@ def _read_pubmedqa(path: Path, obj: Any) -> list[QAExample]:
     return examples
 
 
+def _read_qed(path: Path, parsed: list[tuple[int, Any]]) -> list[QAExample]:
+    """QED's own JSON lines (Natural Questions with explanations): paragraph_text, question_text, and
+    original_nq_answers, a list of annotators' answers, each a list of character spans."""
+    examples = []
+    for line_number, record in parsed:
+        missing = sorted(k for k in _QED_KEYS if k not in record)
+        if missing:
+            raise DataError(f"{path}: line {line_number}: a QED record needs {', '.join(sorted(_QED_KEYS))}; "
+                            f"missing {', '.join(missing)}")
+        answers, starts = [], []
+        for spans in record.get("original_nq_answers") or []:
+            if not isinstance(spans, list) or not spans or not isinstance(spans[0], dict):
+                continue
+            # A multi-span annotation becomes its first span: the others are separate parts of the paragraph.
+            text, start = _text(spans[0].get("string")), spans[0].get("start", -1)
+            if text and text not in answers:
+                answers.append(text)
+                starts.append(start if isinstance(start, int) and not isinstance(start, bool) else -1)
+        examples.append(QAExample(
+            id=str(record.get("example_id", line_number)),
+            context=_text(record.get("paragraph_text")),
+            question=_text(record.get("question_text")),
+            answers=tuple(answers) if answers else _MISSING[0],
+            answer_starts=tuple(starts) if answers else _MISSING[1],
+            source=f"{path}:line {line_number}",
+        ))
+    return examples
+
+
 # ---------------------------------------------------------------------------------------------- HF datasets
 
 
@@ -693,8 +730,8 @@ def load_examples(source: str | Path | Any, config: DataConfig | None = None) ->
         if not (isinstance(obj, list) or (isinstance(obj, dict) and isinstance(obj.get("data"), list))):
             raise DataError(f'{path}: flat JSON must be a list of records or {{"data": [records]}}')
         return _read_json_records(path, obj, config)
-    if fmt == "jsonl":
-        return _read_jsonl(path, text, config)
+    if fmt in ("jsonl", "qed"):
+        return _read_jsonl(path, text, dataclasses.replace(config, format=fmt) if fmt == "qed" else config)
     if fmt in ("csv", "tsv"):
         return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", config)
     raise DataError(f"{path}: unsupported format {fmt!r}")  # pragma: no cover - FORMATS is checked above
