@@ -181,8 +181,12 @@ _SHARDED_SCRIPT = textwrap.dedent("""
         json.dump({{"metrics": result.metrics, "predictions": result.predictions,
                    "processes": accelerator.num_processes}}, handle)
     accelerator.wait_for_everyone()
-    import torch.distributed
-    torch.distributed.destroy_process_group()  # one left to interpreter shutdown can abort a worker
+    # As t5qa's CLI does in a distributed run (cli._end_distributed): gloo's threads can abort the
+    # interpreter's shutdown, so leave without it.
+    import os, torch.distributed
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
 """)
 
 

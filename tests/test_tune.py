@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -255,8 +256,14 @@ def test_a_killed_runs_trial_is_failed_and_retried_with_its_parameters(tmp_path)
     assert result.n_complete + result.n_pruned == 2
 
 
+def _slow_fake_fit(cfg: TrainConfig, *, on_evaluate=None) -> TrainResult:
+    # An instant trial lets the first worker finish the whole study before the second one starts.
+    time.sleep(0.3)
+    return fake_fit(cfg, on_evaluate=on_evaluate)
+
+
 def _worker(output: str, tmp: str, trials: int) -> None:
-    run_search(_base(Path(tmp)), trials=trials, output=output, train_fn=fake_fit, pruner_startup_trials=2,
+    run_search(_base(Path(tmp)), trials=trials, output=output, train_fn=_slow_fake_fit, pruner_startup_trials=2,
                heartbeat_interval_s=1, grace_period_s=5)
 
 

@@ -68,26 +68,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(args.verbose, args.quiet)
+    code = 1
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        return code
     except T5QAError as exc:
+        code = exc.exit_code
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        code = 130
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `t5qa predict ... | head`
+        code = 0
         return 0
     finally:
-        _end_distributed()
+        _end_distributed(code)
 
 
-def _end_distributed() -> None:
-    """Tear down a torch.distributed process group (under accelerate launch / torchrun) before exit: one left
-    for the interpreter's shutdown can abort the process ("terminate called without an active exception")."""
+def _end_distributed(code: int) -> None:
+    """Leave a torch.distributed run (accelerate launch / torchrun) without the interpreter's shutdown.
+
+    With gloo, C++ threads of the process group can still be joinable when static destructors run at
+    interpreter exit, and the process then aborts ("terminate called without an active exception", about
+    one run in ten here) after all its work is done and saved. So a distributed process destroys its process
+    group, flushes its output and ends with os._exit; a single process exits normally.
+    """
     distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return
+    distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def entry() -> None:
