@@ -18,7 +18,9 @@ token counts (see flops.py), by wrapping the model class's forward, so every loo
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +31,36 @@ import common
 IMPLS = ("trainer-default", "trainer-best", "plain-512", "t5qa")
 
 
-def _sources_targets() -> tuple[list[str], list[str]]:
+EXAMPLES: int | None = None  # --examples: train on this fixed random subset (the same one for every tool)
+
+
+def _rows() -> list[common.QA]:
     rows = common.read_squad(common.TRAIN_FILE)
+    if EXAMPLES is not None and EXAMPLES < len(rows):
+        keep = set(random.Random(0).sample(range(len(rows)), EXAMPLES))
+        rows = [r for i, r in enumerate(rows) if i in keep]
+    return rows
+
+
+def _sources_targets() -> tuple[list[str], list[str]]:
+    rows = _rows()
     return [common.prompt(r) for r in rows], [r.answer for r in rows]
+
+
+def _train_file(work: Path) -> str:
+    """The training file t5qa reads: the data set itself, or the --examples subset written as SQuAD JSON."""
+    if EXAMPLES is None:
+        return str(common.TRAIN_FILE)
+    keep = {r.id for r in _rows()}
+    data = json.loads(common.TRAIN_FILE.read_text(encoding="utf-8"))
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [qa for qa in paragraph["qas"] if qa["id"] in keep]
+        article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
+    data["data"] = [a for a in data["data"] if a["paragraphs"]]
+    path = work / "train-subset.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return str(path)
 
 
 def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer: common.StepTimer) -> Any:
@@ -127,7 +156,7 @@ def run_t5qa(model_dir: str, steps: int, work: Path, timer: common.StepTimer) ->
 
     cfg = TrainConfig(
         model=model_dir,
-        train=str(common.TRAIN_FILE),
+        train=_train_file(work),
         validation=str(common.DEV_FILE),
         output=str(work / "t5qa-run"),
         encode=EncodeConfig(max_source_tokens=common.MAX_SOURCE_TOKENS, max_target_tokens=common.MAX_TARGET_TOKENS),
@@ -162,8 +191,12 @@ def main() -> None:
     parser.add_argument("--model-dir", required=True, help="saved randomly initialised t5-small (bench/run.py makes it)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps after the warm-up")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="train on this many examples (a fixed random subset, the same for every tool)")
     parser.add_argument("--out", required=True, help="result JSON path")
     args = parser.parse_args()
+    global EXAMPLES
+    EXAMPLES = args.examples
 
     common.set_threads()
     logging.basicConfig(level=logging.WARNING)

@@ -29,7 +29,7 @@ KINDS = {
                                                        "aten::sub", "aten::neg", "aten::where", "aten::sum",
                                                        "aten::le", "aten::lt", "aten::clamp", "aten::sqrt"),
     "dropout (bernoulli, masks)": ("aten::bernoulli", "aten::native_dropout", "aten::dropout", "aten::empty_like",
-                                   "aten::uniform_"),
+                                   "aten::uniform_", "aten::random_", "aten::ge"),
     "optimizer (foreach / fused AdamW)": ("aten::_foreach", "aten::_fused_adamw"),
     "copies and layout (copy_, contiguous, cat, fill)": ("aten::copy_", "aten::clone", "aten::contiguous",
                                                          "aten::cat", "aten::fill_", "aten::zero_", "aten::zeros",
@@ -62,7 +62,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from t5qa.config import EncodeConfig, TrainConfig
+    from t5qa.fastpath import keep_freed_memory
     from t5qa.train import setup
+
+    # as fit() does
+    keeping = keep_freed_memory(True)
+    keeping.__enter__()
 
     with tempfile.TemporaryDirectory(prefix="t5qa-profile-") as tmp:
         cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE), output=str(Path(tmp) / "run"),

@@ -44,13 +44,16 @@ class Mode:
     timed_steps_fixed: int    # for loops that pad every batch to the same shape
     questions: int
     profile: bool
+    rounds: int               # trainer-best and t5qa alternate this many times, timed_steps / rounds each
 
 
-QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questions=16, profile=False)
-# 100 timed steps = two of the Trainer's 50-batch length groups, so its longest-first order inside each group
-# averages out (its warm-up skips the longest batches of the first group; the window ends with those of the
-# third); t5qa shuffles its batches, so any window is a fair sample.
-FULL = Mode("full", warmup_steps=2, timed_steps=100, timed_steps_fixed=10, questions=440, profile=True)
+QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questions=16, profile=False, rounds=1)
+# The dynamically padded loops (trainer-best, t5qa) each train one epoch over the same fixed random subset of
+# (warmup + timed steps per round) x batch examples, so both see exactly the same examples and only the batching
+# differs. They alternate (trainer-best, t5qa, trainer-best, t5qa), so a slow patch of the shared machine hits
+# both; each figure sums the rounds.
+FULL = Mode("full", warmup_steps=2, timed_steps=100, timed_steps_fixed=10, questions=440, profile=True, rounds=2)
+ALTERNATING = ("trainer-best", "t5qa")
 
 TARGETS = {
     "train_vs_trainer_best": 1.3,
@@ -93,6 +96,41 @@ def run_worker(script: str, args: list[str], out: Path, timeout_s: int) -> dict[
     result["process_seconds"] = wall
     print(f"[bench]   done in {wall:.0f} s", flush=True)
     return result
+
+
+def _per_round(r: dict[str, Any]) -> str:
+    rates = r.get("samples_per_second_per_round")
+    return f" ({', '.join(f'{x:.2f}' for x in rates)} samples/s)" if rates and len(rates) > 1 else ""
+
+
+def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One training figure from several rounds of the same implementation: totals over all timed steps."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    seconds = sum(r["seconds"] for r in rounds)
+    cpu_seconds = sum(r["cpu_seconds"] for r in rounds)
+    samples = sum(r["samples"] for r in rounds)
+    flop = sum(r["useful_flop_per_second"] * r["seconds"] for r in rounds)
+    combined = dict(rounds[-1])
+    combined.pop("command", None)  # each round lists its own command
+    combined.update({
+        "rounds": len(rounds),
+        "timed_steps": sum(r["timed_steps"] for r in rounds),
+        "seconds": seconds,
+        "samples": samples,
+        "samples_per_second": samples / seconds,
+        "real_source_tokens_per_example": sum(r["real_source_tokens_per_example"] * r["samples"] for r in rounds) / samples,
+        "real_target_tokens_per_example": sum(r["real_target_tokens_per_example"] * r["samples"] for r in rounds) / samples,
+        "useful_flop_per_second": flop / seconds,
+        "cpu_seconds": cpu_seconds,
+        "cpu_per_wall": cpu_seconds / seconds,
+        "samples_per_cpu_second": samples / cpu_seconds,
+        "useful_flop_per_cpu_second": flop / cpu_seconds,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rounds),
+        "samples_per_second_per_round": [r["samples_per_second"] for r in rounds],
+    })
+    return combined
 
 
 def cpu_name() -> str:
@@ -236,10 +274,14 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
         rel = ratio(t5, r, "samples_per_second")
         rel_cpu = ratio(t5, r, "samples_per_cpu_second")
         add(f"| {name} | {r['samples_per_second']:.3f} | {fmt(rel)}x | {r['samples_per_cpu_second']:.3f} | "
-            f"{fmt(rel_cpu)}x | {r['timed_steps']} | "
+            f"{fmt(rel_cpu)}x | {r['timed_steps']}{_per_round(r)} | "
             f"{r['real_source_tokens_per_example']:.0f} / {r['real_target_tokens_per_example']:.1f} | "
             f"{r['useful_flop_per_second'] / 1e9:.1f} | {fmt(100 * r['useful_flop_per_second'] / peak if peak else None, 0)}% | "
             f"{r['cpu_per_wall']:.2f} | {r['peak_rss_mb']:.0f} |")
+    add("")
+    add(f"trainer-best and t5qa each train one epoch over the same {results.get('train_examples', '?')} "
+        "examples (a fixed random subset of the training file, warm-up included) per round, and alternate "
+        "round by round; their figures total the rounds (samples/s of each round in brackets).")
     add("")
     add("*t5qa vs this* is t5qa's samples/s divided by this row's. Useful FLOPs count only real (non-padding) tokens "
         "(bench/flops.py; it matches torch.utils.flop_counter exactly on T5), so padding earns no credit. "
@@ -334,8 +376,22 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         results["versions"] = made.get("versions", {})
         results["matmul-start"] = run_worker("bench_matmul.py", [], work / "matmul-start.json", args.timeout)
+        per_round = mode.timed_steps // mode.rounds
+        examples = (mode.warmup_steps + per_round) * common.BATCH_SIZE
+        results["train_examples"] = examples
+        for round_ in range(1, mode.rounds + 1):
+            for impl in ALTERNATING:
+                if wanted(impl):
+                    results[f"{impl} round {round_}"] = run_worker(
+                        "bench_train.py", ["--impl", impl, "--model-dir", str(model_dir),
+                                           "--warmup-steps", str(mode.warmup_steps), "--steps", str(per_round),
+                                           "--examples", str(examples)],
+                        work / f"{impl}-{round_}.json", args.timeout)
+        for impl in ALTERNATING:
+            if wanted(impl):
+                results[impl] = combine_rounds([results[f"{impl} round {r}"] for r in range(1, mode.rounds + 1)])
         for impl in TRAIN_IMPLS:
-            if not wanted(impl):
+            if not wanted(impl) or impl in ALTERNATING:
                 continue
             steps = mode.timed_steps_fixed if impl in FIXED_SHAPE else mode.timed_steps
             results[impl] = run_worker("bench_train.py", ["--impl", impl, "--model-dir", str(model_dir),

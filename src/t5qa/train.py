@@ -42,6 +42,7 @@ from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
 from t5qa.data import QAExample, load_dataset, split_examples
 from t5qa.encode import EncodeStats, LengthGroupedSampler, encode_for_training, make_collator
 from t5qa.errors import CheckpointError, ConfigError, TrainingError
+from t5qa.fastpath import keep_freed_memory, use_fast_dropout
 from t5qa.lora import apply_lora, is_lora_model, save_adapter
 from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
 
@@ -163,6 +164,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_precision(model, cfg.precision)
     model = _prepare_model_for_training(model, cfg)
+    # Measured in bench/RESULTS.md: PyTorch's CPU dropout mask costs about a sixth of a t5-small step.
+    fast_dropout = bool(cfg.fast_dropout and accelerator.device.type == "cpu" and use_fast_dropout(model))
 
     train_examples, validation_examples = _load_examples(cfg, tokenizer)
     features, encode_stats = encode_for_training(train_examples, tokenizer, cfg.encode)
@@ -210,6 +213,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         "precision": cfg.precision,
         "optimizer": cfg.optimizer,
         "device": str(accelerator.device),
+        "fast_dropout": fast_dropout,
         "answer_tokens_p99": answer_tokens_p99,
     }
     if accelerator.is_main_process:
@@ -352,6 +356,12 @@ def fit(cfg: TrainConfig, *, on_evaluate: Callable[[int, dict], None] | None = N
         TrainingInterrupted: Ctrl-C or SIGTERM, after writing a checkpoint.
         ConfigError, DataError, ModelError, CheckpointError: bad input.
     """
+    # Page faults from re-mapping activation memory cost 5-15% of a CPU step (bench/RESULTS.md).
+    with keep_freed_memory(cfg.keep_freed_memory):
+        return _fit(cfg, on_evaluate, progress)
+
+
+def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, progress: bool | None) -> TrainResult:
     run = setup(cfg)
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
     is_main = accelerator.is_main_process

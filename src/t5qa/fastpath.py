@@ -1,0 +1,217 @@
+"""CPU fast paths for training: a cheaper dropout (`use_fast_dropout`) and an allocator setting
+(`keep_freed_memory`). bench/RESULTS.md measures both.
+
+Dropout. Why this is written here: on CPU, PyTorch's dropout draws its mask with `bernoulli_`, one double-precision
+uniform from the serial Mersenne Twister per element (MKL's vectorised path is taken only on Intel CPUs). For
+t5-small that mask costs about a quarter of a training step, more than everything but the matrix multiplies
+(bench/RESULTS.md). No maintained library offers a faster CPU dropout, so this one draws 64 random bits per four
+elements from the same torch generator and compares 16-bit slices with a threshold: 8x fewer generator calls,
+and the comparison is vectorised and multi-threaded. It keeps the mask as a bool tensor for the backward pass
+(1 byte per element, against the 4-byte float mask PyTorch keeps), which also lowers peak memory.
+
+The drop probability is rounded to a multiple of 1/65536 (0.1 becomes 0.1000061), and the kept values are scaled
+by 1 / (1 - that probability), so the layer stays unbiased. The bits come from torch's default generator, so
+`torch.manual_seed`, checkpointed RNG state (exact resume) and activation recomputation behave as with
+PyTorch's dropout. Off the CPU, and outside training, the layers defer to PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_LEVELS = 1 << 16  # the mask compares 16-bit random integers with a threshold
+ATTENTION_NAME = "t5qa_fast_dropout"  # registered with transformers' AttentionInterface
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A bool tensor of `shape`, each element True (kept) with probability 1 - round(p * 65536) / 65536."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    # random_ over the full int64 range gives 64 uniform bits per draw; viewed as int16, four uniform values.
+    bits = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
+    threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 values are uniform on [-32768, 32767]
+    return (bits.view(torch.int16)[:numel] >= threshold).view(shape)
+
+
+def kept_scale(p: float) -> float:
+    """1 / (1 - the drop probability `keep_mask` really uses)."""
+    return 1.0 / (1.0 - round(p * _LEVELS) / _LEVELS)
+
+
+class _MaskAndScale(torch.autograd.Function):
+    """y = x * mask * scale, keeping only the bool mask for the backward pass."""
+
+    # addcmul(0, a, b, value=s) computes a * b * s in one pass (measured faster than a * (mask * s) in a t5-small
+    # step); the zero is a 0-dim tensor broadcast over the output.
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return torch.addcmul(x.new_zeros(()), x, mask.to(x.dtype), value=scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (mask,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, mask.to(grad.dtype), value=ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Drop-in for `torch.nn.functional.dropout` (not in place), fast on CPU."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or not x.is_floating_point() or p >= 1.0:
+        return nn.functional.dropout(x, p, training)
+    return _MaskAndScale.apply(x, keep_mask(x.shape, p), kept_scale(p))
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout whose CPU training path uses `dropout` above; same p, same state dict (none)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return super().forward(x)
+        return dropout(x, self.p, self.training)
+
+
+def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout_p: float = 0.0,
+               position_bias: torch.Tensor | None = None, fallback: str = "sdpa", **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention for transformers' AttentionInterface: the eager computation with `dropout` on the weights.
+
+    Outside training it calls the implementation the model had before (`fallback`), so generation is unchanged.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    dropout_p = kwargs.pop("dropout", dropout_p)
+    if not (module.training and dropout_p > 0.0 and query.device.type == "cpu") and fallback != "eager":
+        return ALL_ATTENTION_FUNCTIONS[fallback](module, query, key, value, attention_mask, scaling=scaling,
+                                                 dropout=dropout_p, position_bias=position_bias, **kwargs)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat key/value heads
+        repeats = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if scale != 1.0:
+        scores.mul_(scale)
+    if position_bias is not None:
+        scores.add_(position_bias)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:  # True = attend
+            scores.masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        else:  # additive
+            scores.add_(mask)
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = dropout(weights, dropout_p, module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+def use_fast_dropout(model: nn.Module) -> int:
+    """Swap every nn.Dropout of `model` for FastDropout, and its attention-weight dropout where the model
+    dispatches attention through transformers' AttentionInterface. Returns how many layers were swapped
+    (attention counts as one)."""
+    swapped = 0
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout and not child.inplace:
+                setattr(module, name, FastDropout(child.p))
+                swapped += 1
+    swapped += _use_fast_attention_dropout(model)
+    return swapped
+
+
+def _use_fast_attention_dropout(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current not in ("sdpa", "eager") or not hasattr(model, "set_attn_implementation"):
+        return 0  # flash / flex / custom kernels: leave them alone
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    except ImportError:
+        return 0
+    name = f"{ATTENTION_NAME}_{current}"
+
+    def attention(*args: Any, **kwargs: Any) -> Any:
+        return _attention(*args, fallback=current, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    # Additive float masks with causality spelled out (never "is_causal with no mask"), which every path here and
+    # the sdpa fallback accept.
+    AttentionMaskInterface.register(name, eager_mask)
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, TypeError, AttributeError) as exc:
+        logger.debug("attention dropout left to PyTorch: %s", exc)
+        return 0
+    return 1 if model.config._attn_implementation == name else 0
+
+
+# ------------------------------------------------------------------------------------------------ allocator
+
+# glibc mallopt() parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_GLIBC_MMAP_MAX_DEFAULT = 65536
+_MMAP_THRESHOLD_MAX = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_kept_depth = 0  # nested keep_freed_memory blocks (a fit() inside another's callback)
+
+
+def _glibc() -> Any | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not take these settings)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
+    """Within the block, glibc serves large blocks from its heap and keeps what is freed for reuse.
+
+    PyTorch's CPU allocator calls malloc/free for every tensor. glibc hands blocks over 32 MiB (and, until its
+    adaptive threshold has grown, those over 128 KiB) to mmap, and returns them with munmap when freed, so each
+    training step maps and zero-fills the same activation memory again: 100,000 to 200,000 page faults per
+    t5-small step. Without mmap and with a high trim threshold the heap keeps those pages, and later steps reuse
+    them. Peak memory is unchanged (the same tensors are alive at the peak); what changes is that the process
+    keeps its peak until the block ends, when the free memory is handed back (malloc_trim).
+
+    Yields whether the setting took effect (glibc on Linux only; elsewhere the block runs unchanged).
+    """
+    global _kept_depth
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    _kept_depth += 1
+    try:
+        yield True
+    finally:
+        _kept_depth -= 1
+        if not _kept_depth:  # else an enclosing block still wants the memory kept
+            # glibc's adaptive thresholds cannot be switched back on; set what they grow to on their own (mmap
+            # above 32 MiB, trim above 64 MiB), so later work in this process gets no more page faults than usual.
+            libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX_DEFAULT)
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD_MAX)
+            libc.malloc_trim(0)

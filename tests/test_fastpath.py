@@ -1,0 +1,221 @@
+"""CPU training fast paths (`t5qa.fastpath`): the cheaper dropout and glibc keeping freed memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from t5qa.fastpath import FastDropout, dropout, keep_freed_memory, keep_mask, kept_scale, use_fast_dropout
+
+
+def test_keep_mask_has_the_requested_rate_and_shape() -> None:
+    torch.manual_seed(0)
+    mask = keep_mask((1001, 999), 0.1)  # a size that is not a multiple of 4
+    assert mask.shape == (1001, 999) and mask.dtype == torch.bool
+    assert abs(mask.float().mean().item() - 0.9) < 0.002
+    assert keep_mask((64, 64), 0.0).all()
+    assert abs(keep_mask((1000, 1000), 0.5).float().mean().item() - 0.5) < 0.002
+
+
+def test_keep_mask_elements_are_independent_of_their_neighbours() -> None:
+    # Four mask elements come from one 64-bit draw: neighbours must not be correlated.
+    torch.manual_seed(1)
+    m = keep_mask((1_000_000,), 0.3).float()
+    a, b = m[:-1], m[1:]
+    correlation = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+    assert abs(correlation.item()) < 0.01
+
+
+def test_dropout_keeps_or_zeroes_and_scales_like_torch() -> None:
+    torch.manual_seed(2)
+    x = torch.randn(300, 200)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] * kept_scale(0.1))
+    assert abs(kept_scale(0.1) - 1 / 0.9) < 1e-4
+    # unbiased: E[y] = x
+    ones = torch.ones(2000, 1000)
+    assert abs(dropout(ones, 0.1).mean().item() - 1.0) < 0.005
+    assert dropout(x, 0.1, training=False) is x
+    assert dropout(x, 0.0) is x
+    assert (dropout(x, 1.0) == 0).all()
+
+
+def test_dropout_gradient_is_the_same_mask() -> None:
+    torch.manual_seed(3)
+    x = torch.ones(64, 128, requires_grad=True)
+    y = dropout(x, 0.25)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum y)/dx = mask * scale = y when x is all ones
+
+
+def test_dropout_follows_the_torch_seed() -> None:
+    x = torch.randn(50, 50)
+    torch.manual_seed(7)
+    first = dropout(x, 0.2)
+    torch.manual_seed(7)
+    again = dropout(x, 0.2)
+    torch.manual_seed(8)
+    other = dropout(x, 0.2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def _t5(dropout_rate: float, attn: str = "sdpa"):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+                      dropout_rate=dropout_rate, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      relative_attention_num_buckets=8, attn_implementation=attn)
+    return T5ForConditionalGeneration(config)
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 64, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding, so the attention mask matters
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(2, 64, (3, 5), generator=g)}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_swapped_model_computes_the_same_function(attn: str) -> None:
+    plain, fast = _t5(0.1, attn), _t5(0.1, attn)
+    fast.load_state_dict(plain.state_dict())
+    swapped = use_fast_dropout(fast)
+    assert swapped > 0
+    assert not [m for m in fast.modules() if type(m) is nn.Dropout]
+    assert fast.config._attn_implementation.startswith("t5qa_fast_dropout")
+    batch = _batch()
+    for model in (plain, fast):
+        model.eval()
+    with torch.no_grad():  # eval: no dropout, so the outputs must agree
+        assert torch.allclose(plain(**batch).logits, fast(**batch).logits, atol=1e-5)
+    # Training with dropout switched off runs t5qa's own attention arithmetic (with an eager fallback) and must
+    # give the same loss and gradients as transformers' implementation.
+    for module in list(plain.modules()) + list(fast.modules()):
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "dropout") and isinstance(module.dropout, float):
+            module.dropout = 0.0
+    plain.train()
+    fast.train()
+    loss_plain, loss_fast = plain(**batch).loss, fast(**batch).loss
+    loss_plain.backward()
+    loss_fast.backward()
+    assert torch.allclose(loss_plain, loss_fast, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+
+
+def test_attention_dropout_runs_in_training() -> None:
+    model = _t5(0.5)
+    use_fast_dropout(model)
+    model.train()
+    batch = _batch()
+    torch.manual_seed(0)
+    a = model(**batch).loss
+    torch.manual_seed(1)
+    b = model(**batch).loss
+    torch.manual_seed(0)
+    c = model(**batch).loss
+    assert not torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_attention_dropout_drops_attention_weights() -> None:
+    model = _t5(0.3, "eager")
+    use_fast_dropout(model)
+    model.train()
+    for module in model.modules():  # only the attention weights keep their dropout
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    out = model(**_batch(), output_attentions=True)
+    weights = out.encoder_attentions[0]
+    assert (weights == 0).float().mean() > 0.2  # softmax weights are never 0 exactly without dropout
+
+
+def test_gradient_checkpointing_replays_the_same_masks() -> None:
+    batch = _batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = _t5(0.2)
+        use_fast_dropout(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(11)
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_fast_dropout_is_a_dropout_module() -> None:
+    layer = FastDropout(0.3)
+    assert isinstance(layer, nn.Dropout) and layer.p == 0.3
+    layer.eval()
+    x = torch.randn(4, 4)
+    assert layer(x) is x
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator setting is glibc's")
+def test_keep_freed_memory_stops_remapping_memory_every_step() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    # t5-small's vocabulary and width, one layer: its 64 MiB embedding gradient is above glibc's largest mmap
+    # threshold, so by default every step maps it (and other large blocks) afresh: tens of thousands of faults.
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=32128, d_model=512, d_ff=512, d_kv=32, num_heads=4,
+                                                num_layers=1, num_decoder_layers=1, decoder_start_token_id=0))
+    model.train()
+    batch = {"input_ids": torch.randint(2, 32128, (4, 64)), "labels": torch.randint(2, 32128, (4, 8))}
+
+    def faults_of_a_step() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with keep_freed_memory() as kept:
+        if not kept:
+            pytest.skip("not glibc")
+        first = faults_of_a_step()  # the heap grows to the step's size once
+        with keep_freed_memory():  # a nested block (a fit() inside another) must not undo the setting
+            pass
+        later = sorted(faults_of_a_step() for _ in range(5))
+    assert later[2] < first / 5, (first, later)  # later steps reuse the heap's pages
+    with keep_freed_memory(False) as kept:
+        assert kept is False
+
+
+def test_training_uses_fast_dropout_unless_switched_off(tmp_path: Path, tiny_tokenizer) -> None:
+    from transformers import AutoModelForSeq2SeqLM
+
+    from t5qa.modeling import ensure_generation_ids, save_model
+    from t5qa.train import fit, setup
+    from test_train import tiny_config
+
+    model = _t5(0.1)
+    model.resize_token_embeddings(len(tiny_tokenizer))
+    ensure_generation_ids(model, tiny_tokenizer)
+    model_dir = tmp_path / "model"
+    save_model(model, tiny_tokenizer, model_dir, {})
+
+    run = setup(tiny_config(model_dir, tmp_path / "off", fast_dropout=False))
+    assert not any(isinstance(m, FastDropout) for m in run.model.modules())
+    assert run.summary["fast_dropout"] is False
+
+    result = fit(tiny_config(model_dir, tmp_path / "on", max_steps=2))
+    summary = json.loads((tmp_path / "on" / "run" / "run_summary.json").read_text())
+    assert summary["fast_dropout"] is True
+    # what is saved is a plain model: no trace of t5qa's attention function in its config
+    assert "t5qa" not in (result.output_dir / "last" / "config.json").read_text()
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(result.output_dir / "last")
+    assert reloaded.config._attn_implementation in ("sdpa", "eager")
