@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 from t5qa.config import EncodeConfig
@@ -113,3 +116,27 @@ def test_length_grouped_sampler_keeps_the_short_batch_last():
     # all full batches first: every aligned chunk of 4 before the tail comes from one sorted group
     tail = order[20:]
     assert len(tail) == 1
+
+
+def test_length_grouped_sampler_groups_target_lengths_too():
+    rng = random.Random(0)
+    sources = [rng.randint(20, 380) for _ in range(803)]
+    targets = [min(30, int(rng.expovariate(1 / 6)) + 2) for _ in range(803)]  # short answers, a long tail
+
+    def padded(order, lengths):
+        chunks = [order[k:k + 8] for k in range(0, len(order), 8)]
+        return sum(max(lengths[i] for i in c) * len(c) for c in chunks)
+
+    plain = list(LengthGroupedSampler(sources, batch_size=8, seed=1, group_batches=50))
+    grouped_sampler = LengthGroupedSampler(sources, batch_size=8, seed=1, group_batches=50, target_lengths=targets)
+    grouped = list(grouped_sampler)
+    assert sorted(grouped) == list(range(803))  # a permutation
+    assert grouped == list(LengthGroupedSampler(sources, batch_size=8, seed=1, group_batches=50,
+                                                target_lengths=targets))
+    assert padded(grouped, targets) < 0.8 * padded(plain, targets)  # far less target padding
+    assert padded(grouped, sources) < 1.1 * padded(plain, sources)  # for a little more source padding
+    # every batch but the last is full, so the DataLoader's chunks stay aligned with the groups
+    chunks = [grouped[k:k + 8] for k in range(0, 803, 8)]
+    assert all(len(c) == 8 for c in chunks[:-1]) and len(chunks[-1]) == 3
+    with pytest.raises(ValueError, match="one entry per example"):
+        LengthGroupedSampler(sources, batch_size=8, target_lengths=targets[:-1])

@@ -2,7 +2,8 @@
 from other jobs hits every variant alike. Prints one JSON object per lever with median seconds.
 
 Levers: AdamW implementation (for-loop / foreach / fused), attention kernel (sdpa / eager), dropout on/off
-(changes the model: informational), torch.compile of the model, and inference_mode vs no_grad for generation.
+(changes the model: informational), t5qa's fast dropout against PyTorch's, glibc keeping freed memory
+(t5qa.fastpath.keep_freed_memory, switched on and off between rounds), torch.compile of the model.
 
     .venv/bin/python bench/experiments/train_levers.py --model-dir DIR [--source-tokens 160] [--repeats 5]
 """
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--source-tokens", type=int, default=160, help="source length of the fixed batch")
     parser.add_argument("--target-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--levers", default="optimizer,attention,dropout,compile")
+    parser.add_argument("--levers", default="optimizer,attention,dropout,fast_dropout,allocator,compile")
     args = parser.parse_args()
     common.set_threads()
     import torch
@@ -90,6 +91,51 @@ def main() -> None:
         res = median_time({"dropout_0.1": train_step(on), "dropout_0": train_step(off)}, args.repeats)
         print(json.dumps({"lever": "forward+backward (s) by dropout (changes the model)", **res}), flush=True)
         del on, off
+
+    if "fast_dropout" in levers:
+        from t5qa.fastpath import use_fast_dropout
+
+        torch_dropout, fast, off = load(), load(), load(dropout_rate=0.0)
+        use_fast_dropout(fast)
+        res = median_time({"torch_dropout": train_step(torch_dropout), "t5qa_fast_dropout": train_step(fast),
+                           "no_dropout": train_step(off)}, args.repeats)
+        print(json.dumps({"lever": "forward+backward (s): dropout implementation", **res}), flush=True)
+        del torch_dropout, fast, off
+
+    if "allocator" in levers:
+        import resource
+
+        from t5qa.fastpath import _glibc, keep_freed_memory, use_fast_dropout
+
+        if _glibc() is None:
+            print(json.dumps({"lever": "allocator", "skipped": "not glibc"}), flush=True)
+        else:
+            model = load()
+            use_fast_dropout(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+            def full_step() -> None:
+                model(**batch).loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            times: dict[str, list[float]] = {"glibc_default": [], "kept": []}
+            faults: dict[str, list[int]] = {"glibc_default": [], "kept": []}
+            full_step()
+            for _ in range(args.repeats):
+                for name in times:
+                    with keep_freed_memory(name == "kept"):
+                        full_step()  # settle the heap in this mode
+                        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                        start = time.perf_counter()
+                        full_step()
+                        times[name].append(time.perf_counter() - start)
+                        faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+            print(json.dumps({"lever": "training step (s) and page faults by allocator setting",
+                              **{k: statistics.median(v) for k, v in times.items()},
+                              **{f"{k}_page_faults": statistics.median(v) for k, v in faults.items()}}), flush=True)
+            del model, optimizer
 
     if "compile" in levers:
         eager_model = load()

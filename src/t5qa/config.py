@@ -85,7 +85,7 @@ class EncodeConfig:
     stride_tokens: int = 128
     """Overlap, in context tokens, between consecutive windows of a long context."""
     group_by_length: bool = True
-    """Batch examples of similar length together, so dynamic padding wastes little compute."""
+    """Batch examples of similar input and answer length together, so dynamic padding wastes little compute."""
 
     def __post_init__(self) -> None:
         problems = []

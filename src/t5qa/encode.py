@@ -191,11 +191,20 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     Indices are shuffled, cut into mega-batches of `batch_size * group_batches`, each sorted by length and
     cut into batches; the batch order is shuffled again. The order depends only on (seed, epoch), which is
     what makes resuming mid-epoch exact.
+
+    With `target_lengths`, each mega-batch is first split into target-length classes (up to 4 tokens, 5-8,
+    9-16, 17-32, ...) and each class is sorted by source length and cut into batches on its own; the few left
+    over from every class are batched together. Targets are then padded to less than twice their length in
+    most batches: on TyDi QA, grouping by source length alone pads targets to 2.8x their real length (36% real
+    tokens), and a decoder token costs about twice an encoder token in t5-small.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, *, seed: int = 0, group_batches: int = 50,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, target_lengths: Sequence[int] | None = None) -> None:
         self.lengths = list(lengths)
+        self.target_lengths = list(target_lengths) if target_lengths is not None else None
+        if self.target_lengths is not None and len(self.target_lengths) != len(self.lengths):
+            raise ValueError("target_lengths must have one entry per example")
         self.batch_size = batch_size
         self.seed = seed
         self.group_batches = group_batches
@@ -209,6 +218,27 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def _target_class(self, index: int) -> int:
+        if self.target_lengths is None:
+            return 0
+        return max(0, (self.target_lengths[index] - 1).bit_length() - 2)  # <=4: 0, 5-8: 1, 9-16: 2, ...
+
+    def _batches_of(self, mega_batch: list[int]) -> list[list[int]]:
+        by_length = lambda i: -self.lengths[i]  # noqa: E731 - longest first, ties keep the shuffled order
+        classes: dict[int, list[int]] = {}
+        for i in mega_batch:
+            classes.setdefault(self._target_class(i), []).append(i)
+        batches: list[list[int]] = []
+        left_over: list[int] = []
+        for _, members in sorted(classes.items()):
+            members.sort(key=by_length)
+            full = len(members) - len(members) % self.batch_size
+            batches.extend(members[k:k + self.batch_size] for k in range(0, full, self.batch_size))
+            left_over.extend(members[full:])
+        left_over.sort(key=by_length)
+        batches.extend(left_over[k:k + self.batch_size] for k in range(0, len(left_over), self.batch_size))
+        return batches
+
     def __iter__(self) -> Iterator[int]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         indices = list(range(len(self.lengths)))
@@ -217,8 +247,7 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         mega = self.batch_size * self.group_batches
         batches: list[list[int]] = []
         for start in range(0, len(indices), mega):
-            group = sorted(indices[start:start + mega], key=lambda i: -self.lengths[i])
-            batches.extend(group[i:i + self.batch_size] for i in range(0, len(group), self.batch_size))
+            batches.extend(self._batches_of(indices[start:start + mega]))
         if self.shuffle:
             rng.shuffle(batches)
         # At most one batch is short (the tail); keep it last so the DataLoader's consecutive chunks of

@@ -177,9 +177,12 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     # The sampler groups lengths per *global* micro-batch (all processes), which Accelerate then splits into
     # consecutive per-process chunks: N processes x batch B see the same examples as 1 process x batch N*B.
     # Without length grouping, each sorted group is a single micro-batch: a plain shuffle.
+    # Grouped by target length too (bench/RESULTS.md: targets are otherwise padded to 2.8x their length).
+    grouped = cfg.encode.group_by_length
     sampler = LengthGroupedSampler([len(f["input_ids"]) for f in features],
                                    cfg.train_batch_size * accelerator.num_processes, seed=cfg.seed,
-                                   group_batches=50 if cfg.encode.group_by_length else 1)
+                                   group_batches=100 if grouped else 1,
+                                   target_lengths=[len(f["labels"]) for f in features] if grouped else None)
     # The loader gets its own generator: each new iterator draws a seed from it, which must not consume the
     # global torch RNG that dropout uses (a resumed run creates one iterator more than an uninterrupted one).
     train_loader = torch.utils.data.DataLoader(features, batch_size=cfg.train_batch_size, sampler=sampler,
