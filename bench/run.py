@@ -53,7 +53,9 @@ QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questi
 # differs. They alternate (trainer-best, t5qa, trainer-best, t5qa), so a slow patch of the shared machine hits
 # both; each figure sums the rounds.
 FULL = Mode("full", warmup_steps=2, timed_steps=100, timed_steps_fixed=10, questions=440, profile=True, rounds=2)
-ALTERNATING = ("trainer-best", "t5qa")
+# trainer-default joins the rounds too (its own fixed-shape step count per round, on the whole training file):
+# run once, its figure followed the machine's state of that one minute.
+ALTERNATING = ("trainer-best", "t5qa", "trainer-default")
 
 TARGETS = {
     "train_vs_trainer_best": 1.3,
@@ -280,8 +282,9 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
             f"{r['cpu_per_wall']:.2f} | {r['peak_rss_mb']:.0f} |")
     add("")
     add(f"trainer-best and t5qa each train one epoch over the same {results.get('train_examples', '?')} "
-        "examples (a fixed random subset of the training file, warm-up included) per round, and alternate "
-        "round by round; their figures total the rounds (samples/s of each round in brackets).")
+        "examples (a fixed random subset of the training file, warm-up included) per round; trainer-default "
+        "(fixed shapes) trains on the whole file. The three alternate round by round, and their figures total "
+        "the rounds (samples/s of each round in brackets).")
     add("")
     add("*t5qa vs this* is t5qa's samples/s divided by this row's. Useful FLOPs count only real (non-padding) tokens "
         "(bench/flops.py; it matches torch.utils.flop_counter exactly on T5), so padding earns no credit. "
@@ -382,10 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(1, mode.rounds + 1):
             for impl in ALTERNATING:
                 if wanted(impl):
+                    sizing = (["--steps", str(mode.timed_steps_fixed)] if impl in FIXED_SHAPE
+                              else ["--steps", str(per_round), "--examples", str(examples)])
                     results[f"{impl} round {round_}"] = run_worker(
                         "bench_train.py", ["--impl", impl, "--model-dir", str(model_dir),
-                                           "--warmup-steps", str(mode.warmup_steps), "--steps", str(per_round),
-                                           "--examples", str(examples)],
+                                           "--warmup-steps", str(mode.warmup_steps), *sizing],
                         work / f"{impl}-{round_}.json", args.timeout)
         for impl in ALTERNATING:
             if wanted(impl):

@@ -113,3 +113,19 @@ def test_run_skips_with_a_message_when_shared_data_is_absent(monkeypatch, capsys
     monkeypatch.setattr(common, "shared_data_missing", lambda: "/nowhere/t5-small-tokenizer is absent")
     assert bench_run.main(["--quick", "--output", "/nonexistent/RESULTS.md"]) == 0
     assert "skipped: /nowhere/t5-small-tokenizer is absent" in capsys.readouterr().out
+
+
+def test_rounds_combine_into_totals_not_an_average_of_rates():
+    def round_(samples: int, seconds: float, cpu: float, flop: float, rss: float, src: float) -> dict:
+        return {"samples": samples, "seconds": seconds, "cpu_seconds": cpu, "samples_per_second": samples / seconds,
+                "useful_flop_per_second": flop / seconds, "peak_rss_mb": rss, "timed_steps": samples // 8,
+                "real_source_tokens_per_example": src, "real_target_tokens_per_example": 5.0, "command": "x"}
+
+    combined = bench_run.combine_rounds([round_(80, 10.0, 20.0, 1e12, 3000, 100), round_(160, 40.0, 70.0, 3e12, 3100, 160)])
+    assert combined["samples_per_second"] == pytest.approx(240 / 50)  # not (8 + 4) / 2
+    assert combined["useful_flop_per_second"] == pytest.approx(4e12 / 50)
+    assert combined["cpu_per_wall"] == pytest.approx(90 / 50)
+    assert combined["real_source_tokens_per_example"] == pytest.approx((80 * 100 + 160 * 160) / 240)
+    assert combined["peak_rss_mb"] == 3100 and combined["timed_steps"] == 30 and combined["rounds"] == 2
+    assert "command" not in combined  # each round lists its own
+    assert bench_run.combine_rounds([{"error": "boom"}, round_(8, 1.0, 2.0, 1e9, 1, 1)]) == {"error": "boom"}

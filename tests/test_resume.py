@@ -73,6 +73,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(dropout_model_dir: Path, 
 
     seen = record_batches(monkeypatch)
     fit(tiny_config(dropout_model_dir, tmp_path / "a", **SETTINGS))
+    # dropout masks come from t5qa's fast dropout, so resuming them exactly is part of what is tested
+    assert json.loads((tmp_path / "a" / "run" / "run_summary.json").read_text())["fast_dropout"] is True
     straight_order = list(seen)
     seen.clear()
 

@@ -188,11 +188,12 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the block, glibc serves large blocks from its heap and keeps what is freed for reuse.
 
     PyTorch's CPU allocator calls malloc/free for every tensor. glibc hands blocks over 32 MiB (and, until its
-    adaptive threshold has grown, those over 128 KiB) to mmap, and returns them with munmap when freed, so each
-    training step maps and zero-fills the same activation memory again: 100,000 to 200,000 page faults per
-    t5-small step. Without mmap and with a high trim threshold the heap keeps those pages, and later steps reuse
-    them. Peak memory is unchanged (the same tensors are alive at the peak); what changes is that the process
-    keeps its peak until the block ends, when the free memory is handed back (malloc_trim).
+    adaptive threshold has grown, those over 128 KiB) to mmap, and returns them with munmap when freed; it also
+    trims the heap's top beyond 64 MiB. So each training step maps and zero-fills much of the same memory again:
+    about 88,000 page faults per t5-small step (bench/experiments/LEVERS.md). Without mmap and with a high trim
+    threshold the heap keeps those pages and later steps reuse them (about 1,000 faults per step; a step with a
+    new largest batch shape still grows the heap). Peak memory measured the same or lower; the difference is that
+    the process keeps its peak until the block ends, when the free memory is handed back (malloc_trim).
 
     Yields whether the setting took effect (glibc on Linux only; elsewhere the block runs unchanged).
     """
