@@ -3,8 +3,8 @@
 
 Dropout. Why this is written here: on CPU, PyTorch's dropout draws its mask with `bernoulli_`, one double-precision
 uniform from the serial Mersenne Twister per element (MKL's vectorised path is taken only on Intel CPUs). For
-t5-small that mask costs about a quarter of a training step, more than everything but the matrix multiplies
-(bench/RESULTS.md). No maintained library offers a faster CPU dropout, so this one draws 64 random bits per four
+t5-small that mask cost 15-23% of a training step, more than everything but the matrix multiplies
+(bench/experiments/LEVERS.md). No maintained library offers a faster CPU dropout, so this one draws 64 random bits per four
 elements from the same torch generator and compares 16-bit slices with a threshold: 8x fewer generator calls,
 and the comparison is vectorised and multi-threaded. It keeps the mask as a bool tensor for the backward pass
 (1 byte per element, against the 4-byte float mask PyTorch keeps), which also lowers peak memory.
@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -36,9 +37,7 @@ ATTENTION_NAME = "t5qa_fast_dropout"  # registered with transformers' AttentionI
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool tensor of `shape`, each element True (kept) with probability 1 - round(p * 65536) / 65536."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     # random_ over the full int64 range gives 64 uniform bits per draw; viewed as int16, four uniform values.
     bits = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None, generator=generator)
     threshold = round(p * _LEVELS) - _LEVELS // 2  # int16 values are uniform on [-32768, 32767]

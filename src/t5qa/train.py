@@ -164,7 +164,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_precision(model, cfg.precision)
     model = _prepare_model_for_training(model, cfg)
-    # Measured in bench/RESULTS.md: PyTorch's CPU dropout mask costs about a sixth of a t5-small step.
+    # bench/experiments/LEVERS.md: PyTorch's CPU dropout mask cost 15-23% of a t5-small step.
     fast_dropout = bool(cfg.fast_dropout and accelerator.device.type == "cpu" and use_fast_dropout(model))
 
     train_examples, validation_examples = _load_examples(cfg, tokenizer)
@@ -359,7 +359,7 @@ def fit(cfg: TrainConfig, *, on_evaluate: Callable[[int, dict], None] | None = N
         TrainingInterrupted: Ctrl-C or SIGTERM, after writing a checkpoint.
         ConfigError, DataError, ModelError, CheckpointError: bad input.
     """
-    # Page faults from re-mapping activation memory cost 5-15% of a CPU step (bench/RESULTS.md).
+    # bench/experiments/LEVERS.md: glibc re-mapped activation memory every step (88,000 page faults on t5-small).
     with keep_freed_memory(cfg.keep_freed_memory):
         return _fit(cfg, on_evaluate, progress)
 
