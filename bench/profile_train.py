@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -20,8 +22,9 @@ import common
 
 # aten operator -> kind; anything else is "other"
 KINDS = {
-    "matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn",
-                                "aten::linear", "aten::matmul"),
+    "matmul (mm, addmm, bmm, oneDNN linear)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+                                               "aten::_mkldnn", "mkldnn::_linear_pointwise", "aten::linear",
+                                               "aten::matmul"),
     "attention (sdpa, softmax)": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_softmax",
                                   "aten::softmax", "aten::_safe_softmax"),
     "elementwise (add, mul, relu, pow, rsqrt, mean)": ("aten::add", "aten::mul", "aten::relu", "aten::threshold",
@@ -51,7 +54,8 @@ def kind_of(op: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--steps", type=int, default=6, help="profiled steps (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=6, help="profiled steps")
+    parser.add_argument("--warmup", type=int, default=12, help="steps before any are counted")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parent / "PROFILE.md"))
     parser.add_argument("--out", default=None, help="result JSON path (bench/run.py)")
     parser.add_argument("--trace", default=None, help="also write a Chrome trace here")
@@ -74,7 +78,7 @@ def main() -> None:
                           encode=EncodeConfig(max_source_tokens=common.MAX_SOURCE_TOKENS,
                                               max_target_tokens=common.MAX_TARGET_TOKENS),
                           train_batch_size=common.BATCH_SIZE, learning_rate=common.LEARNING_RATE,
-                          max_steps=args.steps + 2)
+                          max_steps=args.warmup + 2 * args.steps)
         run = setup(cfg)
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
     model.train()
@@ -98,14 +102,26 @@ def main() -> None:
             scheduler.step()
             loss.item()
 
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     warm: list[int] = []
-    step(warm)
-    step(warm)
+    for _ in range(args.warmup):  # the heap grows to the largest batches seen; steps after fault far less
+        step(warm)
+    # the same number of steps without the profiler, for their page faults (median: a step with a batch longer
+    # than any before still grows the heap)
+    unprofiled_faults, profiled_faults = [], []
+    for _ in range(args.steps):
+        before = faults()
+        step(warm)
+        unprofiled_faults.append(faults() - before)
     tokens: list[int] = []
     started = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         for _ in range(args.steps):
+            before = faults()
             step(tokens)
+            profiled_faults.append(faults() - before)
     wall = time.perf_counter() - started
     if args.trace:
         prof.export_chrome_trace(args.trace)
@@ -129,7 +145,12 @@ def main() -> None:
         f"torch.profiler (CPU) over {n} steps of t5qa.train.setup()'s model/optimizer/loader (fit()'s loop body), "
         f"batch {common.BATCH_SIZE}, {common.THREADS} threads, {sum(tokens) / (n * common.BATCH_SIZE):.0f} real source "
         f"tokens per example on average; {wall / n:.2f} s per step with the profiler on "
-        f"({time.strftime('%Y-%m-%d %H:%M')}).",
+        f"({time.strftime('%Y-%m-%d %H:%M')}), after {args.warmup} warm-up steps.",
+        "",
+        f"Page faults per step (median): {statistics.median(unprofiled_faults):,.0f} without the profiler, "
+        f"{statistics.median(profiled_faults):,.0f} under it. 16,000 faults are one 64 MiB block (the tied embedding's gradient, and the buffers that build it) "
+        "mapped afresh: most likely the profiler's own buffers take the heap space that `fit()` keeps. Where the "
+        "two counts differ by tens of thousands, `fill_`, `add` and `copy_` below are inflated by those faults.",
         "",
         "| phase | ms per step | share |",
         "|---|---|---|",
@@ -148,7 +169,9 @@ def main() -> None:
         common.write_result(args.out, {"name": "profile", "kind": "profile", "phase_ms_per_step":
                                        {p: phase_us[p] / 1e3 / n for p in PHASES},
                                        "kind_share": {k: v / total_ops for k, v in kind_us.items()},
-                                       "seconds_per_step": wall / n})
+                                       "seconds_per_step": wall / n,
+                                       "page_faults_per_step": {"unprofiled": statistics.median(unprofiled_faults),
+                                                                "profiled": statistics.median(profiled_faults)}})
 
 
 if __name__ == "__main__":

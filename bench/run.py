@@ -251,14 +251,17 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
         "that out (busy-waiting threads still count as CPU time, so they are not exact either).")
     add("")
 
-    add("## Machine: fp32 matmul rate (torch.matmul, square matrices, best of several)")
+    add("## Machine: fp32 matmul rate (square matrices, best of several, best of torch.matmul (MKL) and oneDNN's "
+        "linear)")
     add("")
     for label, mm in (("start of run", mm0), ("end of run", mm1)):
         if "error" in mm or not mm:
             add(f"- {label}: {mm.get('error', 'not run')}")
         else:
             sizes = ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in mm["per_size"].items())
-            add(f"- {label}: **{mm['flop_per_second'] / 1e9:.1f} GFLOP/s** (per size, GFLOP/s: {sizes}); "
+            libraries = "".join(f"; {lib} best {max(v.values()) / 1e9:.0f}"
+                                for lib, v in mm.get("per_library", {}).items())
+            add(f"- {label}: **{mm['flop_per_second'] / 1e9:.1f} GFLOP/s** (per size, GFLOP/s: {sizes}{libraries}); "
                 f"{mm.get('flop_per_cpu_second', 0) / 1e9:.1f} GFLOP per CPU-second")
     add(f"- MFU below divides by the better of the two: {fmt(peak / 1e9 if peak else None, 1)} GFLOP/s")
     add("")

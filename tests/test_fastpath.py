@@ -11,7 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from t5qa.fastpath import FastDropout, dropout, keep_freed_memory, keep_mask, kept_scale, use_fast_dropout
+from t5qa import fastpath
+from t5qa.fastpath import (FastDropout, FastLinear, _as_float, dropout, keep_freed_memory, keep_mask, kept_scale,
+                           onednn_linear_available, use_fast_dropout, use_fast_linear)
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(),
+                                  reason="this PyTorch build has no oneDNN linear operator")
 
 
 def test_keep_mask_has_the_requested_rate_and_shape() -> None:
@@ -45,6 +50,16 @@ def test_dropout_keeps_or_zeroes_and_scales_like_torch() -> None:
     assert dropout(x, 0.1, training=False) is x
     assert dropout(x, 0.0) is x
     assert (dropout(x, 1.0) == 0).all()
+
+
+def test_mask_converts_to_exact_zeros_and_ones() -> None:
+    mask = keep_mask((5, 7, 11), 0.3)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        converted = _as_float(mask, dtype)
+        assert converted.dtype == dtype and converted.shape == mask.shape
+        assert torch.equal(converted, mask.to(dtype))
+    strided = mask[:, ::2].transpose(0, 2)  # a non-contiguous mask converts the same way
+    assert torch.equal(_as_float(strided, torch.float32), strided.float())
 
 
 def test_dropout_gradient_is_the_same_mask() -> None:
@@ -85,6 +100,19 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(2, 64, (3, 5), generator=g)}
 
 
+def _assert_same_training_step(plain: nn.Module, fast: nn.Module, batch: dict[str, torch.Tensor],
+                               grad_atol: float) -> None:
+    """One training forward and backward pass of each model: the same loss and the same gradients."""
+    plain.train()
+    fast.train()
+    loss_plain, loss_fast = plain(**batch).loss, fast(**batch).loss
+    loss_plain.backward()
+    loss_fast.backward()
+    assert torch.allclose(loss_plain, loss_fast, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=grad_atol), name
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_swapped_model_computes_the_same_function(attn: str) -> None:
     plain, fast = _t5(0.1, attn), _t5(0.1, attn)
@@ -105,14 +133,56 @@ def test_swapped_model_computes_the_same_function(attn: str) -> None:
             module.p = 0.0
         if hasattr(module, "dropout") and isinstance(module.dropout, float):
             module.dropout = 0.0
-    plain.train()
-    fast.train()
-    loss_plain, loss_fast = plain(**batch).loss, fast(**batch).loss
-    loss_plain.backward()
-    loss_fast.backward()
-    assert torch.allclose(loss_plain, loss_fast, atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    _assert_same_training_step(plain, fast, batch, grad_atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_linear_computes_linear_and_its_gradients(bias: bool) -> None:
+    torch.manual_seed(4)
+    plain = nn.Linear(24, 40, bias=bias)
+    fast = nn.Linear(24, 40, bias=bias)
+    fast.load_state_dict(plain.state_dict())
+    assert use_fast_linear(fast) == 1 and type(fast) is FastLinear
+    x = torch.randn(3, 17, 24)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    grad = torch.randn(3, 17, 40)
+    outs = [layer(inp) for layer, inp in zip((plain, fast), xs)]
+    assert outs[1].shape == outs[0].shape and torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert outs[1].grad_fn.name() == "_OneDNNLinearBackward"  # the oneDNN path really ran
+    for out in outs:
+        out.backward(grad)
+    assert torch.allclose(xs[0].grad, xs[1].grad, atol=1e-5)
+    for p, q in zip(plain.parameters(), fast.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4)
+    # a frozen layer (LoRA's base weights) gives no weight gradient and still passes the input's on
+    fast.weight.requires_grad_(False)
+    fast.weight.grad = None
+    x2 = x.clone().requires_grad_()
+    fast(x2).sum().backward()
+    assert fast.weight.grad is None
+    assert torch.allclose(x2.grad, fast.weight.sum(0).expand_as(x2), atol=1e-5)
+    fast.eval()  # outside training: exactly nn.Linear
+    assert torch.equal(fast(x), nn.functional.linear(x, fast.weight, fast.bias))
+
+
+@needs_onednn
+def test_fast_linear_model_keeps_tied_weights_and_trains_the_same() -> None:
+    plain, fast = _t5(0.0), _t5(0.0)
+    fast.load_state_dict(plain.state_dict())
+    swapped = use_fast_linear(fast)
+    assert swapped == sum(type(m) is nn.Linear for m in plain.modules()) > 0
+    assert fast.lm_head.weight is fast.shared.weight  # tied in place, nothing copied
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    batch = _batch()
+    _assert_same_training_step(plain, fast, batch, grad_atol=1e-4)
+
+
+def test_fast_linear_changes_nothing_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastpath, "_onednn_ok", False)
+    model = _t5(0.0)
+    assert use_fast_linear(model) == 0
+    assert not any(isinstance(m, FastLinear) for m in model.modules())
 
 
 def test_attention_dropout_runs_in_training() -> None:
@@ -195,7 +265,7 @@ def test_keep_freed_memory_stops_remapping_memory_every_step() -> None:
         assert kept is False
 
 
-def test_training_uses_fast_dropout_unless_switched_off(tmp_path: Path, tiny_tokenizer) -> None:
+def test_training_uses_the_fast_paths_unless_switched_off(tmp_path: Path, tiny_tokenizer) -> None:
     from transformers import AutoModelForSeq2SeqLM
 
     from t5qa.modeling import ensure_generation_ids, save_model
@@ -208,13 +278,14 @@ def test_training_uses_fast_dropout_unless_switched_off(tmp_path: Path, tiny_tok
     model_dir = tmp_path / "model"
     save_model(model, tiny_tokenizer, model_dir, {})
 
-    run = setup(tiny_config(model_dir, tmp_path / "off", fast_dropout=False))
-    assert not any(isinstance(m, FastDropout) for m in run.model.modules())
-    assert run.summary["fast_dropout"] is False
+    run = setup(tiny_config(model_dir, tmp_path / "off", fast_dropout=False, fast_linear=False))
+    assert not any(isinstance(m, (FastDropout, FastLinear)) for m in run.model.modules())
+    assert run.summary["fast_dropout"] is False and run.summary["fast_linear"] is False
 
     result = fit(tiny_config(model_dir, tmp_path / "on", max_steps=2))
     summary = json.loads((tmp_path / "on" / "run" / "run_summary.json").read_text())
     assert summary["fast_dropout"] is True
+    assert summary["fast_linear"] is onednn_linear_available()
     # what is saved is a plain model: no trace of t5qa's attention function in its config
     assert "t5qa" not in (result.output_dir / "last" / "config.json").read_text()
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(result.output_dir / "last")

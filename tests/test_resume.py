@@ -16,6 +16,8 @@ import torch
 
 from test_train import tiny_config
 
+from t5qa.fastpath import onednn_linear_available
+
 
 @pytest.fixture()
 def dropout_model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
@@ -74,7 +76,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(dropout_model_dir: Path, 
     seen = record_batches(monkeypatch)
     fit(tiny_config(dropout_model_dir, tmp_path / "a", **SETTINGS))
     # dropout masks come from t5qa's fast dropout, so resuming them exactly is part of what is tested
-    assert json.loads((tmp_path / "a" / "run" / "run_summary.json").read_text())["fast_dropout"] is True
+    run_summary = json.loads((tmp_path / "a" / "run" / "run_summary.json").read_text())
+    assert run_summary["fast_dropout"] is True
+    assert run_summary["fast_linear"] is onednn_linear_available()  # and its oneDNN products, where this torch has them
     straight_order = list(seen)
     seen.clear()
 

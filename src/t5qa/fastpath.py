@@ -1,5 +1,5 @@
-"""CPU fast paths for training: a cheaper dropout (`use_fast_dropout`) and an allocator setting
-(`keep_freed_memory`). bench/RESULTS.md measures both.
+"""CPU fast paths for training: a cheaper dropout (`use_fast_dropout`), oneDNN for the linear layers' forward
+products (`use_fast_linear`) and an allocator setting (`keep_freed_memory`). bench/RESULTS.md measures them.
 
 Dropout. Why this is written here: on CPU, PyTorch's dropout draws its mask with `bernoulli_`, one double-precision
 uniform from the serial Mersenne Twister per element (MKL's vectorised path is taken only on Intel CPUs). For
@@ -49,6 +49,13 @@ def kept_scale(p: float) -> float:
     return 1.0 / (1.0 - round(p * _LEVELS) / _LEVELS)
 
 
+def _as_float(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bool mask as 0.0 / 1.0 in `dtype`, converted through its uint8 view: PyTorch's bool-to-float copy is
+    not vectorised on CPU, the uint8-to-float one is (1.73 against 0.56 ms for 5.8M elements on the benchmark
+    machine; bench/experiments/LEVERS.md). A bool tensor holds only 0 and 1 bytes, so the view is exact."""
+    return mask.view(torch.uint8).to(dtype)
+
+
 class _MaskAndScale(torch.autograd.Function):
     """y = x * mask * scale, keeping only the bool mask for the backward pass."""
 
@@ -58,12 +65,12 @@ class _MaskAndScale(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return torch.addcmul(x.new_zeros(()), x, mask.to(x.dtype), value=scale)
+        return torch.addcmul(x.new_zeros(()), x, _as_float(mask, x.dtype), value=scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (mask,) = ctx.saved_tensors
-        return torch.addcmul(grad.new_zeros(()), grad, mask.to(grad.dtype), value=ctx.scale), None, None
+        return torch.addcmul(grad.new_zeros(()), grad, _as_float(mask, grad.dtype), value=ctx.scale), None, None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -158,6 +165,88 @@ def _use_fast_attention_dropout(model: nn.Module) -> int:
         logger.debug("attention dropout left to PyTorch: %s", exc)
         return 0
     return 1 if model.config._attn_implementation == name else 0
+
+
+# ------------------------------------------------------------------------------------------------ linear layers
+# Why this is written here: PyTorch's CPU `mm` calls MKL's sgemm; PyTorch's CPU builds also carry oneDNN, which
+# generates its kernels for the CPU it finds. On the benchmark machine (AMD EPYC with AVX-512) oneDNN computed the
+# linear layers' forward products faster (a 1600 x 512 x 2048 product: 15.8 against 17.9 ms; a whole t5-small
+# step on real batches 2-6% faster; bench/experiments/LEVERS.md). PyTorch reaches oneDNN's fp32 product only
+# through `torch.ops.mkldnn._linear_pointwise` (the operator torch.compile's CPU backend emits), which has no
+# autograd: the function below supplies the backward pass, with MKL's products as nn.Linear's has (oneDNN was not
+# faster there: its weight gradient needs both operands transposed, which it copies first). The operator is
+# private, so it is checked against F.linear once per process and skipped where missing or different.
+
+_onednn_ok: bool | None = None
+
+
+def _onednn(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ weight.T (+ bias) through oneDNN; rows is 2-D, weight is (out, in)."""
+    return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+
+
+def onednn_linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear operator and it agrees with F.linear (checked once)."""
+    global _onednn_ok
+    if _onednn_ok is None:
+        try:
+            gen = torch.Generator().manual_seed(0)
+            rows, weight, bias = (torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen),
+                                  torch.randn(23, generator=gen))
+            _onednn_ok = bool(torch.backends.mkldnn.is_available()
+                              and torch.allclose(_onednn(rows, weight, bias), nn.functional.linear(rows, weight, bias),
+                                                 rtol=1e-5, atol=1e-5)
+                              and torch.allclose(_onednn(rows, weight, None), rows @ weight.t(), rtol=1e-5, atol=1e-5))
+        except (AttributeError, RuntimeError, NotImplementedError) as exc:
+            logger.debug("oneDNN linear unavailable: %s", exc)
+            _onednn_ok = False
+    return _onednn_ok
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = x W^T + b: the product through oneDNN, the backward pass as nn.Linear's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(rows, weight)
+        ctx.input_shape = x.shape
+        ctx.has_bias = bias is not None
+        return _onednn(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_rows.mm(weight).view(ctx.input_shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad_rows.t().mm(rows) if ctx.needs_input_grad[1] else None
+        grad_b = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear whose fp32 CPU training forward multiplies through oneDNN; same parameters and state dict.
+    Outside training, off the CPU, under autocast or in other precisions it is nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.training and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and x.numel() and torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu") and onednn_linear_available()):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_fast_linear(model: nn.Module) -> int:
+    """Turn every plain nn.Linear of `model` into a FastLinear, in place (so tied weights stay tied and nothing is
+    copied). Returns how many; 0, changing nothing, where oneDNN's operator is missing."""
+    if not onednn_linear_available():
+        return 0
+    swapped = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
+            swapped += 1
+    return swapped
 
 
 # ------------------------------------------------------------------------------------------------ allocator

@@ -1,0 +1,93 @@
+"""Two ways of running the same training step, on real batches, in one process.
+
+Builds fit()'s model, optimizer and loader with t5qa.train.setup() on the benchmark's TyDi QA data, then trains on
+each batch twice, once per variant, alternating which goes first; the first two batches only warm up. So both
+variants see the same shapes and the same load from other jobs. Prints total seconds per variant. The variants are
+levers whose fixed-shape measurement (train_levers.py) needs checking on real batches:
+
+- `sparse_embedding_grads`: the tied embedding's lookups give sparse gradients (nn.Embedding(sparse=True)),
+  added into the output layer's dense gradient instead of zero-filling a 64 MiB buffer per lookup.
+- `onednn_forward`: t5qa's FastLinear (every linear layer's forward product through oneDNN,
+  `torch.ops.mkldnn._linear_pointwise`) against nn.Linear (MKL); the backward pass is the same in both.
+
+    .venv/bin/python bench/experiments/step_ab.py --model-dir DIR --variant sparse_embedding_grads [--batches 22]
+"""
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/make_model.py)")
+parser.add_argument("--variant", required=True, choices=("sparse_embedding_grads", "onednn_forward"))
+parser.add_argument("--batches", type=int, default=22)
+args = parser.parse_args()
+missing = common.shared_data_missing()
+if missing:
+    sys.exit(f"skipped: {missing}")
+common.set_threads()
+logging.basicConfig(level=logging.WARNING)
+import torch  # noqa: E402
+
+from t5qa.config import EncodeConfig, TrainConfig  # noqa: E402
+from t5qa.fastpath import FastLinear, keep_freed_memory  # noqa: E402
+from t5qa.train import setup  # noqa: E402
+
+keeping = keep_freed_memory()  # as fit() does
+keeping.__enter__()
+cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE),
+                  output=str(Path(tempfile.mkdtemp(prefix="t5qa-step-ab-")) / "run"),
+                  encode=EncodeConfig(max_source_tokens=common.MAX_SOURCE_TOKENS,
+                                      max_target_tokens=common.MAX_TARGET_TOKENS),
+                  train_batch_size=common.BATCH_SIZE, learning_rate=common.LEARNING_RATE, max_steps=2 * args.batches)
+run = setup(cfg)
+model, optimizer, accelerator = run.model, run.optimizer, run.accelerator
+model.train()
+
+
+def sparse_embedding_grads() -> Callable[[bool], None]:
+    tied = model.get_input_embeddings().weight
+    # transformers 5 gives the encoder and decoder their own nn.Embedding modules sharing the weight
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is tied]
+
+    def switch(on: bool) -> None:
+        for module in embeddings:
+            module.sparse = on
+    return switch
+
+
+def onednn_forward() -> Callable[[bool], None]:
+    linears = [m for m in model.modules() if isinstance(m, FastLinear)]  # setup() made them FastLinear
+    if not linears:
+        sys.exit("skipped: this PyTorch build has no oneDNN linear operator")
+
+    def switch(on: bool) -> None:
+        for module in linears:
+            module.__class__ = FastLinear if on else torch.nn.Linear
+    return switch
+
+
+switch = {"sparse_embedding_grads": sparse_embedding_grads, "onednn_forward": onednn_forward}[args.variant]()
+seconds = {False: 0.0, True: 0.0}
+batches = iter(run.train_loader)
+for i in range(args.batches):
+    batch = next(batches)
+    batch.pop("example_index", None)
+    for on in ((True, False) if i % 2 else (False, True)):
+        switch(on)
+        started = time.perf_counter()
+        accelerator.backward(model(**batch).loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= 2:
+            seconds[on] += time.perf_counter() - started
+print(json.dumps({"variant": args.variant, "batches_timed": args.batches - 2, "baseline_seconds": seconds[False],
+                  "variant_seconds": seconds[True], "speedup": seconds[False] / seconds[True]}), flush=True)
