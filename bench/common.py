@@ -52,6 +52,24 @@ def set_threads() -> None:
     torch.set_num_threads(THREADS)
 
 
+def start_t5qa_experiment() -> Any:
+    """The start of a bench/experiments script that trains t5qa in its own process: exit with a one-line reason
+    when the shared data is absent, pin the threads, quiet logging, and keep freed memory as fit() does.
+    Returns the entered keep_freed_memory block; hold on to it for the life of the process."""
+    missing = shared_data_missing()
+    if missing:
+        sys.exit(f"skipped: {missing}")
+    set_threads()
+    import logging
+
+    from t5qa.fastpath import keep_freed_memory  # here, not at import: peers' benchmarks import this module
+
+    logging.basicConfig(level=logging.WARNING)
+    keeping = keep_freed_memory()
+    keeping.__enter__()
+    return keeping
+
+
 @dataclass(frozen=True)
 class QA:
     id: str

@@ -148,9 +148,10 @@ def main() -> None:
         f"({time.strftime('%Y-%m-%d %H:%M')}), after {args.warmup} warm-up steps.",
         "",
         f"Page faults per step (median): {statistics.median(unprofiled_faults):,.0f} without the profiler, "
-        f"{statistics.median(profiled_faults):,.0f} under it. 16,000 faults are one 64 MiB block (the tied embedding's gradient, and the buffers that build it) "
-        "mapped afresh: most likely the profiler's own buffers take the heap space that `fit()` keeps. Where the "
-        "two counts differ by tens of thousands, `fill_`, `add` and `copy_` below are inflated by those faults.",
+        f"{statistics.median(profiled_faults):,.0f} under it. 16,000 faults are one 64 MiB block (the tied "
+        "embedding's gradient, and the buffers that build it) mapped afresh: most likely the profiler's own "
+        "buffers take the heap space that `fit()` keeps. Where the two counts differ by tens of thousands, "
+        "`fill_`, `add` and `copy_` below are inflated by those faults.",
         "",
         "| phase | ms per step | share |",
         "|---|---|---|",

@@ -8,7 +8,6 @@ per epoch for each.
 """
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -22,20 +21,13 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/make_model.py)")
 parser.add_argument("--rounds", type=int, default=2)
 args = parser.parse_args()
-missing = common.shared_data_missing()
-if missing:
-    sys.exit(f"skipped: {missing}")
-common.set_threads()
-logging.basicConfig(level=logging.WARNING)
+keeping = common.start_t5qa_experiment()
 import torch  # noqa: E402
 
 from t5qa.config import EncodeConfig, TrainConfig  # noqa: E402
 from t5qa.encode import LengthGroupedSampler, make_collator  # noqa: E402
-from t5qa.fastpath import keep_freed_memory  # noqa: E402
 from t5qa.train import setup  # noqa: E402
 
-keeping = keep_freed_memory()  # as fit() does
-keeping.__enter__()
 bench_train.EXAMPLES = 416  # bench/run.py's full mode: (2 warm-up + 50 timed steps) x batch 8
 work = Path(tempfile.mkdtemp(prefix="t5qa-sampler-ab-"))
 cfg = TrainConfig(model=args.model_dir, train=bench_train._train_file(work), output=str(work / "run"),

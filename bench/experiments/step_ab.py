@@ -14,7 +14,6 @@ levers whose fixed-shape measurement (train_levers.py) needs checking on real ba
 """
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -29,19 +28,13 @@ parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/
 parser.add_argument("--variant", required=True, choices=("sparse_embedding_grads", "onednn_forward"))
 parser.add_argument("--batches", type=int, default=22)
 args = parser.parse_args()
-missing = common.shared_data_missing()
-if missing:
-    sys.exit(f"skipped: {missing}")
-common.set_threads()
-logging.basicConfig(level=logging.WARNING)
+keeping = common.start_t5qa_experiment()
 import torch  # noqa: E402
 
 from t5qa.config import EncodeConfig, TrainConfig  # noqa: E402
-from t5qa.fastpath import FastLinear, keep_freed_memory  # noqa: E402
+from t5qa.fastpath import FastLinear  # noqa: E402
 from t5qa.train import setup  # noqa: E402
 
-keeping = keep_freed_memory()  # as fit() does
-keeping.__enter__()
 cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE),
                   output=str(Path(tempfile.mkdtemp(prefix="t5qa-step-ab-")) / "run"),
                   encode=EncodeConfig(max_source_tokens=common.MAX_SOURCE_TOKENS,

@@ -4,8 +4,8 @@ products (`use_fast_linear`) and an allocator setting (`keep_freed_memory`). ben
 Dropout. Why this is written here: on CPU, PyTorch's dropout draws its mask with `bernoulli_`, one double-precision
 uniform from the serial Mersenne Twister per element (MKL's vectorised path is taken only on Intel CPUs). For
 t5-small that mask cost 15-23% of a training step, more than everything but the matrix multiplies
-(bench/experiments/LEVERS.md). No maintained library offers a faster CPU dropout, so this one draws 64 random bits per four
-elements from the same torch generator and compares 16-bit slices with a threshold: 8x fewer generator calls,
+(bench/experiments/LEVERS.md). No maintained library offers a faster CPU dropout, so this one draws 64 random bits
+per four elements from the same torch generator and compares 16-bit slices with a threshold: 8x fewer generator calls,
 and the comparison is vectorised and multi-threaded. It keeps the mask as a bool tensor for the backward pass
 (1 byte per element, against the 4-byte float mask PyTorch keeps), which also lowers peak memory.
 
