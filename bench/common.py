@@ -60,6 +60,7 @@ def start_t5qa_experiment() -> Any:
     if missing:
         sys.exit(f"skipped: {missing}")
     set_threads()
+    import atexit
     import logging
 
     from t5qa.fastpath import keep_freed_memory  # here, not at import: peers' benchmarks import this module
@@ -67,6 +68,8 @@ def start_t5qa_experiment() -> Any:
     logging.basicConfig(level=logging.WARNING)
     keeping = keep_freed_memory()
     keeping.__enter__()
+    # leave the block before interpreter shutdown clears module globals (else its clean-up fails noisily)
+    atexit.register(keeping.__exit__, None, None, None)
     return keeping
 
 

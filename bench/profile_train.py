@@ -67,7 +67,7 @@ def main() -> None:
 
     from t5qa.config import EncodeConfig, TrainConfig
     from t5qa.fastpath import keep_freed_memory
-    from t5qa.train import setup
+    from t5qa.train import clip_gradients, setup
 
     # as fit() does
     keeping = keep_freed_memory(True)
@@ -82,6 +82,7 @@ def main() -> None:
         run = setup(cfg)
     model, optimizer, scheduler, accelerator = run.model, run.optimizer, run.scheduler, run.accelerator
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     batches = iter(run.train_loader)
 
     def step(tokens: list[int]) -> None:
@@ -94,7 +95,7 @@ def main() -> None:
         with record_function("backward"):
             accelerator.backward(loss)
         with record_function("clip_grad_norm"):
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            clip_gradients(run, trainable)  # as fit(): inside fused AdamW's step where it can be
         with record_function("optimizer_step"):
             optimizer.step()
         with record_function("zero_grad_and_scheduler"):

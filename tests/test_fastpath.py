@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from t5qa import fastpath
-from t5qa.fastpath import (FastDropout, FastLinear, _as_float, dropout, keep_freed_memory, keep_mask, kept_scale,
-                           onednn_linear_available, use_fast_dropout, use_fast_linear)
+from t5qa.fastpath import (FastDropout, FastLinear, _as_float, clip_in_step, clipping_fits_in_step, dropout,
+                           keep_freed_memory, keep_mask, kept_scale, onednn_linear_available, use_fast_dropout,
+                           use_fast_linear, use_fast_norm)
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(),
                                   reason="this PyTorch build has no oneDNN linear operator")
@@ -138,15 +139,17 @@ def test_swapped_model_computes_the_same_function(attn: str) -> None:
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
-def test_fast_linear_computes_linear_and_its_gradients(bias: bool) -> None:
+@pytest.mark.parametrize("tokens", [17, 180])  # 3 x 17 rows: input gradient by MKL; 3 x 180: by oneDNN
+def test_fast_linear_computes_linear_and_its_gradients(bias: bool, tokens: int) -> None:
     torch.manual_seed(4)
     plain = nn.Linear(24, 40, bias=bias)
     fast = nn.Linear(24, 40, bias=bias)
     fast.load_state_dict(plain.state_dict())
     assert use_fast_linear(fast) == 1 and type(fast) is FastLinear
-    x = torch.randn(3, 17, 24)
+    assert (3 * tokens >= fastpath._INPUT_GRAD_ONEDNN_MIN_ROWS) == (tokens == 180)
+    x = torch.randn(3, tokens, 24)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-    grad = torch.randn(3, 17, 40)
+    grad = torch.randn(3, tokens, 40)
     outs = [layer(inp) for layer, inp in zip((plain, fast), xs)]
     assert outs[1].shape == outs[0].shape and torch.allclose(outs[0], outs[1], atol=1e-5)
     assert outs[1].grad_fn.name() == "_OneDNNLinearBackward"  # the oneDNN path really ran
@@ -278,15 +281,83 @@ def test_training_uses_the_fast_paths_unless_switched_off(tmp_path: Path, tiny_t
     model_dir = tmp_path / "model"
     save_model(model, tiny_tokenizer, model_dir, {})
 
-    run = setup(tiny_config(model_dir, tmp_path / "off", fast_dropout=False, fast_linear=False))
+    run = setup(tiny_config(model_dir, tmp_path / "off", fast_dropout=False, fast_linear=False, fast_norm=False))
     assert not any(isinstance(m, (FastDropout, FastLinear)) for m in run.model.modules())
+    assert not any(type(m).__name__.startswith("Fast") for m in run.model.modules())
     assert run.summary["fast_dropout"] is False and run.summary["fast_linear"] is False
+    assert run.summary["fast_norm"] is False
 
     result = fit(tiny_config(model_dir, tmp_path / "on", max_steps=2))
     summary = json.loads((tmp_path / "on" / "run" / "run_summary.json").read_text())
     assert summary["fast_dropout"] is True
     assert summary["fast_linear"] is onednn_linear_available()
+    assert summary["fast_norm"] is True and summary["clip_in_optimizer_step"] is True
     # what is saved is a plain model: no trace of t5qa's attention function in its config
     assert "t5qa" not in (result.output_dir / "last" / "config.json").read_text()
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(result.output_dir / "last")
     assert reloaded.config._attn_implementation in ("sdpa", "eager")
+
+
+def test_fast_norm_computes_the_t5_layer_norm_and_its_gradients() -> None:
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    torch.manual_seed(5)
+    plain = T5LayerNorm(48, eps=1e-6)
+    plain.weight.data.uniform_(0.5, 1.5)
+    holder = nn.Sequential(T5LayerNorm(48, eps=1e-6))
+    holder.load_state_dict({"0.weight": plain.weight.data})
+    assert use_fast_norm(holder) == 1
+    fast = holder[0]
+    assert isinstance(fast, T5LayerNorm) and type(fast) is not T5LayerNorm  # a subclass: isinstance still holds
+    assert list(fast.state_dict()) == ["weight"]
+    x = torch.randn(4, 9, 48) * 3
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    grad = torch.randn(4, 9, 48)
+    outs = [plain(xs[0]), fast(xs[1])]
+    assert torch.equal(outs[0], outs[1])  # the same operations in the same order
+    assert outs[1].grad_fn.name() == "_RMSNormBackward"
+    for out in outs:
+        out.backward(grad)
+    assert torch.allclose(xs[0].grad, xs[1].grad, atol=1e-5)
+    assert torch.allclose(plain.weight.grad, fast.weight.grad, atol=1e-4)
+    # a frozen weight gets no gradient and the input's still flows
+    fast.weight.requires_grad_(False)
+    fast.weight.grad = None
+    x2 = x.clone().requires_grad_()
+    fast(x2).backward(grad)
+    assert fast.weight.grad is None and torch.allclose(x2.grad, xs[0].grad, atol=1e-5)
+    fast.eval()  # outside training: transformers' own code
+    assert fast(x).grad_fn is None or fast(x).grad_fn.name() != "_RMSNormBackward"
+    assert use_fast_norm(holder) == 0  # a second call changes nothing
+
+
+def test_fast_norm_model_trains_the_same() -> None:
+    plain, fast = _t5(0.0), _t5(0.0)
+    fast.load_state_dict(plain.state_dict())
+    assert use_fast_norm(fast) == sum(type(m).__name__ == "T5LayerNorm" for m in plain.modules()) > 0
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    _assert_same_training_step(plain, fast, _batch(), grad_atol=1e-4)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active, and a norm below the limit
+def test_clipping_inside_fused_adamw_matches_clip_grad_norm(max_norm: float) -> None:
+    models = [_t5(0.0), _t5(0.0)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.01, fused=True) for m in models]
+    assert clipping_fits_in_step(optimizers[1])
+    for step in range(2):
+        for model in models:
+            model(**_batch()).loss.backward()
+        expected = torch.nn.utils.clip_grad_norm_(models[0].parameters(), max_norm)
+        norm = clip_in_step(optimizers[1], list(models[1].parameters()), max_norm)
+        assert torch.allclose(norm, expected, rtol=1e-5)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            assert torch.allclose(p, q, atol=1e-6), (step, name)
+    # what it relies on: the fused step divides by grad_scale; other optimizers do not fit
+    assert not clipping_fits_in_step(torch.optim.AdamW(models[0].parameters(), lr=1e-2))
+    from transformers.optimization import Adafactor
+    assert not clipping_fits_in_step(Adafactor(models[0].parameters(), lr=1e-3, relative_step=False,
+                                               scale_parameter=False))

@@ -79,6 +79,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(dropout_model_dir: Path, 
     run_summary = json.loads((tmp_path / "a" / "run" / "run_summary.json").read_text())
     assert run_summary["fast_dropout"] is True
     assert run_summary["fast_linear"] is onednn_linear_available()  # and its oneDNN products, where this torch has them
+    assert run_summary["fast_norm"] is True and run_summary["clip_in_optimizer_step"] is True
     straight_order = list(seen)
     seen.clear()
 

@@ -7,8 +7,11 @@ levers whose fixed-shape measurement (train_levers.py) needs checking on real ba
 
 - `sparse_embedding_grads`: the tied embedding's lookups give sparse gradients (nn.Embedding(sparse=True)),
   added into the output layer's dense gradient instead of zero-filling a 64 MiB buffer per lookup.
-- `onednn_forward`: t5qa's FastLinear (every linear layer's forward product through oneDNN,
-  `torch.ops.mkldnn._linear_pointwise`) against nn.Linear (MKL); the backward pass is the same in both.
+- `onednn_forward`: t5qa's FastLinear (every linear layer's forward product and input gradient through oneDNN,
+  `torch.ops.mkldnn._linear_pointwise`) against nn.Linear (MKL).
+- `onednn_input_grad`: FastLinear (forward product and input gradient through oneDNN) against a version with
+  only the forward product through oneDNN (the input gradient through MKL, as FastLinear had it before).
+- `fast_norm`: t5qa's T5 layer norm (one autograd function) against transformers' T5LayerNorm.
 
     .venv/bin/python bench/experiments/step_ab.py --model-dir DIR --variant sparse_embedding_grads [--batches 22]
 """
@@ -25,7 +28,8 @@ import common  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/make_model.py)")
-parser.add_argument("--variant", required=True, choices=("sparse_embedding_grads", "onednn_forward"))
+parser.add_argument("--variant", required=True, choices=("sparse_embedding_grads", "onednn_forward", "onednn_input_grad",
+                                                    "fast_norm"))
 parser.add_argument("--batches", type=int, default=22)
 args = parser.parse_args()
 keeping = common.start_t5qa_experiment()
@@ -33,7 +37,7 @@ import torch  # noqa: E402
 
 from t5qa.config import EncodeConfig, TrainConfig  # noqa: E402
 from t5qa.fastpath import FastLinear  # noqa: E402
-from t5qa.train import setup  # noqa: E402
+from t5qa.train import clip_gradients, setup  # noqa: E402
 
 cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE),
                   output=str(Path(tempfile.mkdtemp(prefix="t5qa-step-ab-")) / "run"),
@@ -43,6 +47,7 @@ cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE),
 run = setup(cfg)
 model, optimizer, accelerator = run.model, run.optimizer, run.accelerator
 model.train()
+trainable = [p for p in model.parameters() if p.requires_grad]
 
 
 def sparse_embedding_grads() -> Callable[[bool], None]:
@@ -67,7 +72,48 @@ def onednn_forward() -> Callable[[bool], None]:
     return switch
 
 
-switch = {"sparse_embedding_grads": sparse_embedding_grads, "onednn_forward": onednn_forward}[args.variant]()
+def onednn_input_grad() -> Callable[[bool], None]:
+    from t5qa import fastpath
+
+    class ForwardOnly(torch.autograd.Function):  # FastLinear before it took on the input gradient
+        @staticmethod
+        def forward(ctx, x, weight, bias):  # type: ignore[no-untyped-def]
+            rows = x.reshape(-1, x.shape[-1])
+            ctx.save_for_backward(rows, weight)
+            ctx.input_shape, ctx.has_bias = x.shape, bias is not None
+            return fastpath._onednn(rows, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            rows, weight = ctx.saved_tensors
+            grad_rows = grad.reshape(-1, grad.shape[-1])
+            grad_x = grad_rows.mm(weight).view(ctx.input_shape)
+            return grad_x, grad_rows.t().mm(rows), grad_rows.sum(0) if ctx.has_bias else None
+
+    class Baseline(FastLinear):
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return ForwardOnly.apply(x, self.weight, self.bias)
+
+    linears = [m for m in model.modules() if isinstance(m, FastLinear)]
+
+    def switch(on: bool) -> None:
+        for module in linears:
+            module.__class__ = FastLinear if on else Baseline
+    return switch
+
+
+def fast_norm() -> Callable[[bool], None]:
+    # setup() gave every T5LayerNorm t5qa's subclass; its base is transformers' class
+    fast_classes = {m: type(m) for m in model.modules() if type(m).__name__.startswith("FastT5")}
+
+    def switch(on: bool) -> None:
+        for module, fast in fast_classes.items():
+            module.__class__ = fast if on else fast.__mro__[1]
+    return switch
+
+
+switch = {"sparse_embedding_grads": sparse_embedding_grads, "onednn_forward": onednn_forward,
+          "onednn_input_grad": onednn_input_grad, "fast_norm": fast_norm}[args.variant]()
 seconds = {False: 0.0, True: 0.0}
 batches = iter(run.train_loader)
 for i in range(args.batches):
@@ -77,7 +123,7 @@ for i in range(args.batches):
         switch(on)
         started = time.perf_counter()
         accelerator.backward(model(**batch).loss)
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        clip_gradients(run, trainable)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= 2:

@@ -210,8 +210,11 @@ class TrainConfig:
     fast_dropout: bool = True
     """On CPU, draw dropout masks 8x cheaper than PyTorch does (drop rate kept to within 1/65536, same seeding)."""
     fast_linear: bool = True
-    """On CPU in fp32, compute the linear layers' forward products with oneDNN instead of MKL (faster on AVX-512
-    CPUs; gradients as before)."""
+    """On CPU in fp32, compute the linear layers' forward products and input gradients with oneDNN instead of MKL
+    (faster on AVX-512 CPUs; the same function to within fp32 rounding)."""
+    fast_norm: bool = True
+    """On CPU in fp32, run the T5 family's layer norm as one autograd function (fewer passes, less memory kept;
+    the same function to within fp32 rounding)."""
     keep_freed_memory: bool = True
     """On Linux, let glibc keep freed tensor memory for reuse while training instead of mapping it afresh."""
     freeze_embeddings: bool = False

@@ -1,5 +1,7 @@
 """CPU fast paths for training: a cheaper dropout (`use_fast_dropout`), oneDNN for the linear layers' forward
-products (`use_fast_linear`) and an allocator setting (`keep_freed_memory`). bench/RESULTS.md measures them.
+products and input gradients (`use_fast_linear`), the T5 layer norm as one autograd function (`use_fast_norm`),
+gradient clipping inside the fused AdamW step (`clip_in_step`) and an allocator setting (`keep_freed_memory`).
+bench/RESULTS.md measures them.
 
 Dropout. Why this is written here: on CPU, PyTorch's dropout draws its mask with `bernoulli_`, one double-precision
 uniform from the serial Mersenne Twister per element (MKL's vectorised path is taken only on Intel CPUs). For
@@ -191,20 +193,35 @@ def onednn_linear_available() -> bool:
     if _onednn_ok is None:
         try:
             gen = torch.Generator().manual_seed(0)
-            rows, weight, bias = (torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen),
-                                  torch.randn(23, generator=gen))
+            rows, weight, bias, grad = (torch.randn(37, 19, generator=gen), torch.randn(23, 19, generator=gen),
+                                        torch.randn(23, generator=gen), torch.randn(37, 23, generator=gen))
             _onednn_ok = bool(torch.backends.mkldnn.is_available()
                               and torch.allclose(_onednn(rows, weight, bias), nn.functional.linear(rows, weight, bias),
                                                  rtol=1e-5, atol=1e-5)
-                              and torch.allclose(_onednn(rows, weight, None), rows @ weight.t(), rtol=1e-5, atol=1e-5))
+                              and torch.allclose(_onednn(rows, weight, None), rows @ weight.t(), rtol=1e-5, atol=1e-5)
+                              # the input gradient's form: grad @ W as a linear layer with weight W^T
+                              and torch.allclose(_onednn(grad, weight.t().contiguous(), None), grad @ weight,
+                                                 rtol=1e-5, atol=1e-5))
         except (AttributeError, RuntimeError, NotImplementedError) as exc:
             logger.debug("oneDNN linear unavailable: %s", exc)
             _onednn_ok = False
     return _onednn_ok
 
 
+# The input gradient goes through oneDNN from this many rows (tokens) up. Below it, transposing the weight costs
+# more than oneDNN saves: at 72 rows x 512 x 2048 the copy takes 0.6 ms and oneDNN saves 0.13 ms; at 1320 rows it
+# saves 1-4 ms (bench/experiments/LEVERS.md). In t5-small this picks the encoder's layers and the decoder's
+# cross-attention keys and values, and leaves the decoder's other layers and the output layer to MKL.
+_INPUT_GRAD_ONEDNN_MIN_ROWS = 512
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """y = x W^T + b: the product through oneDNN, the backward pass as nn.Linear's."""
+    """y = x W^T + b: the forward product and the input gradient through oneDNN, the weight gradient through MKL.
+
+    On this project's CPUs oneDNN is 5-25% faster than MKL's sgemm for the forward product and for the input
+    gradient of many rows (grad @ W, handed over as a linear layer whose weight is W^T copied contiguous), but not
+    for the weight gradient (grad^T @ x), whose operands both need transposing (bench/experiments/LEVERS.md).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -218,7 +235,15 @@ class _OneDNNLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, weight = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_rows.mm(weight).view(ctx.input_shape) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if grad_rows.shape[0] >= _INPUT_GRAD_ONEDNN_MIN_ROWS:
+                # W^T copied contiguous: handed oneDNN as a strided view, it reordered the weight itself and the
+                # process's peak memory grew by about 400 MiB on t5-small (bench/experiments/LEVERS.md)
+                grad_x = _onednn(grad_rows, weight.t().contiguous(), None)
+            else:
+                grad_x = grad_rows.mm(weight)
+            grad_x = grad_x.view(ctx.input_shape)
         grad_w = grad_rows.t().mm(rows) if ctx.needs_input_grad[1] else None
         grad_b = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
@@ -247,6 +272,91 @@ def use_fast_linear(model: nn.Module) -> int:
             module.__class__ = FastLinear
             swapped += 1
     return swapped
+
+
+# ------------------------------------------------------------------------------------------------ layer norm
+
+# The T5 family's layer norm (RMS norm: no mean, no bias): transformers writes it as five tensor operations, whose
+# autograd keeps three activations and makes about a dozen passes over them. The same function written once, with
+# its gradient by hand, keeps the input and one value per row: 1.23 against 1.73 ms forward+backward on 8 x 165 x 512
+# (bench/experiments/LEVERS.md). PyTorch's own F.rms_norm was slower on CPU (its backward pass is composite).
+# Classes known to compute weight * x / sqrt(mean(x^2) + variance_epsilon), in fp32, with `weight` and
+# `variance_epsilon` attributes.
+RMS_NORM_CLASSES = ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm", "LongT5LayerNorm")
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * x * rstd with rstd = 1 / sqrt(mean(x^2) + eps) over the last dimension."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)  # the same operations, in the same order, as transformers' forward
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, rstd = ctx.saved_tensors
+        normed = x * rstd
+        grad_w = (grad * normed).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = grad * weight
+            # d/dx of x * rstd: rstd * (g - normed * mean(g * normed))
+            grad_x = (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True)).mul_(rstd)
+        return grad_x, grad_w, None
+
+
+def _fast_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    if (self.training and hidden_states.device.type == "cpu" and hidden_states.dtype == torch.float32
+            and self.weight.dtype == torch.float32 and torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")):
+        return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
+    return super(type(self), self).forward(hidden_states)
+
+
+_fast_norm_classes: dict[type, type] = {}
+
+
+def use_fast_norm(model: nn.Module) -> int:
+    """Give every T5-family layer norm of `model` the single-function forward and backward above, in place (a
+    subclass of its own class, so isinstance checks, parameters and the state dict are unchanged). Used in fp32
+    CPU training only; elsewhere the layer runs transformers' code. Returns how many layers changed."""
+    swapped = 0
+    for module in model.modules():
+        cls = type(module)
+        if cls.__name__ not in RMS_NORM_CLASSES or cls in _fast_norm_classes.values():
+            continue
+        if not (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")):
+            continue
+        if cls not in _fast_norm_classes:
+            _fast_norm_classes[cls] = type("Fast" + cls.__name__, (cls,), {"forward": _fast_norm_forward,
+                                                                            "__module__": __name__})
+        module.__class__ = _fast_norm_classes[cls]
+        swapped += 1
+    return swapped
+
+
+# ------------------------------------------------------------------------------------------------ clipping
+
+def clipping_fits_in_step(optimizer: Any) -> bool:
+    """Whether `optimizer` (a torch optimizer, not a wrapper) can clip gradients inside its own step.
+
+    torch's fused Adam and AdamW divide every gradient by `optimizer.grad_scale` when that attribute is set, in the
+    same pass that updates the weights: it is how torch.amp.GradScaler unscales them. Gradient clipping by norm is
+    such a division, by max(1, norm / max_norm), so handing it over there saves clip_grad_norm_'s separate
+    multiply over every gradient (bench/experiments/LEVERS.md)."""
+    return (isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+            and getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def clip_in_step(optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The total 2-norm of the gradients, as clip_grad_norm_ returns it; the next optimizer.step() divides each
+    gradient by max(1, (norm + 1e-6) / max_norm), what clip_grad_norm_ multiplies by (up to fp32 rounding).
+    Only for an optimizer for which clipping_fits_in_step() is true."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], 2.0, foreach=True)
+    optimizer.grad_scale = torch.clamp((norm + 1e-6) / max_norm, min=1.0).to(torch.float32)  # type: ignore[attr-defined]
+    return norm
 
 
 # ------------------------------------------------------------------------------------------------ allocator
