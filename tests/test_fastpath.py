@@ -209,9 +209,21 @@ def test_attention_dropout_drops_attention_weights() -> None:
     for module in model.modules():  # only the attention weights keep their dropout
         if isinstance(module, nn.Dropout):
             module.p = 0.0
-    out = model(**_batch(), output_attentions=True)
-    weights = out.encoder_attentions[0]
-    assert (weights == 0).float().mean() > 0.2  # softmax weights are never 0 exactly without dropout
+    logits = []
+    for seed in (1, 2, 1):
+        torch.manual_seed(seed)
+        logits.append(model(**_batch()).logits)
+    assert torch.equal(logits[0], logits[2])  # the masks follow the seed
+    assert not torch.allclose(logits[0], logits[1])  # and drop something
+    model.eval()
+    with torch.no_grad():
+        plain = model(**_batch()).logits
+    assert not torch.allclose(plain, logits[0])
+    # the weights returned with output_attentions are the softmax's, before dropout (t5qa applies the dropout
+    # inside the product with the values)
+    model.train()
+    weights = model(**_batch(), output_attentions=True).encoder_attentions[0]
+    assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5)
 
 
 def test_gradient_checkpointing_replays_the_same_masks() -> None:
@@ -361,3 +373,23 @@ def test_clipping_inside_fused_adamw_matches_clip_grad_norm(max_norm: float) -> 
     from transformers.optimization import Adafactor
     assert not clipping_fits_in_step(Adafactor(models[0].parameters(), lr=1e-3, relative_step=False,
                                                scale_parameter=False))
+
+
+def test_dropped_product_matches_dropout_then_product() -> None:
+    from t5qa.fastpath import dropped_product
+
+    weights = torch.softmax(torch.randn(2, 3, 40, 40), -1)
+    value = torch.randn(2, 3, 40, 8)
+    grad = torch.randn(2, 3, 40, 8)
+    results = []
+    for fused in (False, True):
+        w, v = weights.clone().requires_grad_(), value.clone().requires_grad_()
+        torch.manual_seed(11)  # the same mask draw both ways
+        out = dropped_product(w, v, 0.2) if fused else torch.matmul(dropout(w, 0.2), v)
+        out.backward(grad)
+        results.append((out.detach(), w.grad, v.grad))
+    assert results[1][0].grad_fn is None
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(results[1][0], torch.matmul(weights, value))  # something was dropped
+    assert torch.equal(dropped_product(weights, value, 0.2, training=False), torch.matmul(weights, value))

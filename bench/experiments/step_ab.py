@@ -12,6 +12,8 @@ levers whose fixed-shape measurement (train_levers.py) needs checking on real ba
 - `onednn_input_grad`: FastLinear (forward product and input gradient through oneDNN) against a version with
   only the forward product through oneDNN (the input gradient through MKL, as FastLinear had it before).
 - `fast_norm`: t5qa's T5 layer norm (one autograd function) against transformers' T5LayerNorm.
+- `dropped_product`: attention's dropout applied inside the product with the values (the dropped weights
+  recomputed in the backward pass) against dropout, then the product.
 
     .venv/bin/python bench/experiments/step_ab.py --model-dir DIR --variant sparse_embedding_grads [--batches 22]
 """
@@ -29,7 +31,7 @@ import common  # noqa: E402
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/make_model.py)")
 parser.add_argument("--variant", required=True, choices=("sparse_embedding_grads", "onednn_forward", "onednn_input_grad",
-                                                    "fast_norm"))
+                                                    "fast_norm", "dropped_product"))
 parser.add_argument("--batches", type=int, default=22)
 args = parser.parse_args()
 keeping = common.start_t5qa_experiment()
@@ -112,8 +114,22 @@ def fast_norm() -> Callable[[bool], None]:
     return switch
 
 
+def dropped_product() -> Callable[[bool], None]:
+    from t5qa import fastpath
+
+    fused = fastpath.dropped_product
+
+    def separate(weights, value, p, training=True):  # type: ignore[no-untyped-def]
+        return torch.matmul(fastpath.dropout(weights, p, training), value)
+
+    def switch(on: bool) -> None:
+        fastpath.dropped_product = fused if on else separate  # t5qa's attention looks it up at each call
+    return switch
+
+
 switch = {"sparse_embedding_grads": sparse_embedding_grads, "onednn_forward": onednn_forward,
-          "onednn_input_grad": onednn_input_grad, "fast_norm": fast_norm}[args.variant]()
+          "onednn_input_grad": onednn_input_grad, "fast_norm": fast_norm,
+          "dropped_product": dropped_product}[args.variant]()
 seconds = {False: 0.0, True: 0.0}
 batches = iter(run.train_loader)
 for i in range(args.batches):

@@ -75,6 +75,42 @@ class _MaskAndScale(torch.autograd.Function):
         return torch.addcmul(grad.new_zeros(()), grad, _as_float(mask, grad.dtype), value=ctx.scale), None, None
 
 
+class _DroppedProduct(torch.autograd.Function):
+    """(weights * mask * scale) @ value, keeping weights (which softmax keeps anyway), the bool mask and value for
+    the backward pass, and recomputing the dropped weights there. Applied separately, the dropped attention
+    weights are kept until the backward pass: 37.7 MiB per layer at 8 x 8 heads x 384 x 384 tokens."""
+
+    @staticmethod
+    def forward(ctx: Any, weights: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        ctx.save_for_backward(weights, value, mask)
+        ctx.scale = scale
+        dropped = torch.addcmul(weights.new_zeros(()), weights, _as_float(mask, weights.dtype), value=scale)
+        return torch.matmul(dropped, value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        weights, value, mask = ctx.saved_tensors
+        keep = _as_float(mask, weights.dtype)
+        zero = weights.new_zeros(())
+        grad_value = None
+        if ctx.needs_input_grad[1]:
+            dropped = torch.addcmul(zero, weights, keep, value=ctx.scale)
+            grad_value = torch.matmul(dropped.transpose(-1, -2), grad)
+        grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_weights = torch.addcmul(zero, torch.matmul(grad, value.transpose(-1, -2)), keep, value=ctx.scale)
+        return grad_weights, grad_value, None, None
+
+
+def dropped_product(weights: torch.Tensor, value: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """dropout(weights, p) @ value, with less memory kept for the backward pass (same mask draw as `dropout`)."""
+    if (not training or p == 0.0 or weights.device.type != "cpu" or not weights.is_floating_point()
+            or p >= 1.0):
+        return torch.matmul(dropout(weights, p, training), value)
+    return _DroppedProduct.apply(weights, value, keep_mask(weights.shape, p), kept_scale(p))
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Drop-in for `torch.nn.functional.dropout` (not in place), fast on CPU."""
     if not training or p == 0.0:
@@ -123,8 +159,8 @@ def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
         else:  # additive
             scores.add_(mask)
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = dropout(weights, dropout_p, module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    # The weights returned (seen only with output_attentions) are those before dropout.
+    output = dropped_product(weights, value, dropout_p, module.training).transpose(1, 2).contiguous()
     return output, weights
 
 
