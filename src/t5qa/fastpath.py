@@ -9,7 +9,9 @@ t5-small that mask cost 15-23% of a training step, more than everything but the 
 (bench/experiments/LEVERS.md). No maintained library offers a faster CPU dropout, so this one draws 64 random bits
 per four elements from the same torch generator and compares 16-bit slices with a threshold: 8x fewer generator calls,
 and the comparison is vectorised and multi-threaded. It keeps the mask as a bool tensor for the backward pass
-(1 byte per element, against the 4-byte float mask PyTorch keeps), which also lowers peak memory.
+(1 byte per element, against the 4-byte float mask PyTorch keeps), which also lowers peak memory. In attention
+the dropout is applied inside the product with the values (`dropped_product`), so the dropped weights are
+recomputed in the backward pass instead of kept.
 
 The drop probability is rounded to a multiple of 1/65536 (0.1 becomes 0.1000061), and the kept values are scaled
 by 1 / (1 - that probability), so the layer stays unbiased. The bits come from torch's default generator, so
