@@ -140,3 +140,85 @@ def test_length_grouped_sampler_groups_target_lengths_too():
     assert all(len(c) == 8 for c in chunks[:-1]) and len(chunks[-1]) == 3
     with pytest.raises(ValueError, match="one entry per example"):
         LengthGroupedSampler(sources, batch_size=8, target_lengths=targets[:-1])
+
+
+# --- tokenizers without offsets (ByT5, SentencePiece-only) --------------------------------------------------
+
+
+class _SlowView:
+    """A fast tokenizer seen as a slow one: same tokens, but no offsets of its own."""
+
+    is_fast = False
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        kwargs.pop("return_offsets_mapping", None)
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+_ZH = ("异常检测（anomaly detection）是机器学习的一个分支，用于发现与大多数数据显著不同的样本。"
+       "异常检测的示例是信用卡欺诈检测：银行根据交易记录找出可疑的交易。")
+
+
+def test_slow_route_gives_the_fast_offsets_and_windows(tiny_tokenizer):
+    from t5qa.encode import _context_spans, token_offsets
+
+    context = _long_context(60) + " Credit card fraud detection; 2018年 (ok) 'x'."
+    slow = _SlowView(tiny_tokenizer)
+    assert token_offsets(slow, context) == token_offsets(tiny_tokenizer, context)
+    cfg = EncodeConfig(max_source_tokens=64, stride_tokens=16)
+    assert _context_spans(slow, "what is the code?", context, cfg) == \
+        _context_spans(tiny_tokenizer, "what is the code?", context, cfg)
+    windows = encode_windows(slow, "what is the code?", context, cfg)
+    assert len(windows) > 2 and [w.input_ids for w in windows] == \
+        [w.input_ids for w in encode_windows(tiny_tokenizer, "what is the code?", context, cfg)]
+
+
+@pytest.mark.shared_data
+def test_sentencepiece_only_tokenizer_matches_the_fast_one(t5_small_tokenizer_dir):
+    from transformers import AutoTokenizer, SentencePieceBackend
+
+    from t5qa.encode import token_offsets
+
+    fast = AutoTokenizer.from_pretrained(t5_small_tokenizer_dir)
+    slow = SentencePieceBackend(vocab_file=str(t5_small_tokenizer_dir / "spiece.model"))
+    assert not slow.is_fast
+    # English with a lone word-start piece ("▁" before "A"), and Chinese that the T5 vocabulary maps to <unk>
+    for text in ("SIGNR Are A Associated with 1,000 U.S. cases (2020).", _ZH * 3):
+        assert token_offsets(slow, text) == token_offsets(fast, text)
+
+
+def test_byte_level_windows_fit_and_cover_a_long_chinese_context():
+    from transformers import ByT5Tokenizer
+
+    from t5qa.encode import token_offsets
+
+    tokenizer = ByT5Tokenizer()
+    context = _ZH * 12
+    assert len(context.encode("utf-8")) > 2000
+    offsets = token_offsets(tokenizer, context)
+    assert len(offsets) == len(context.encode("utf-8"))
+    cfg = EncodeConfig(max_source_tokens=256, stride_tokens=64)
+    question = "异常检测的示例是什么？"
+    windows = encode_windows(tokenizer, question, context, cfg)
+    assert len(windows) > 5
+    assert all(len(w.input_ids) <= 256 for w in windows)
+    assert windows[0].context_char_start == 0 and windows[-1].context_char_end == len(context)
+    for before, after in zip(windows, windows[1:]):
+        assert after.context_char_start < before.context_char_end  # they overlap
+    # A window is whole characters: its text re-encodes to exactly the bytes in its input
+    for w in windows:
+        piece = context[w.context_char_start:w.context_char_end]
+        assert bytes(i - 3 for i in w.input_ids if i >= 3).decode("utf-8").endswith(piece)
+    answer = "信用卡欺诈检测"
+    start = context.index(answer, len(context) // 2)
+    example = QAExample("zh-1", context, question, (answer,), (start,))
+    features, stats = encode_for_training([example], tokenizer, cfg)
+    assert stats.needed_window == 1 and stats.answer_outside_every_window == 0
+    assert len(features[0]["input_ids"]) <= 256
+    assert answer.encode("utf-8") in bytes(i - 3 for i in features[0]["input_ids"] if i >= 3)

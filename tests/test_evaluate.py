@@ -20,7 +20,7 @@ from t5qa.encode import encode_for_training, make_collator
 from t5qa.errors import DataError
 from t5qa.evaluate import (EvalResult, evaluate_model, evaluate_predictions, read_predictions,
                            write_predictions)
-from t5qa.metrics import squad_scores
+from t5qa.metrics import score_predictions
 from t5qa.predict import Answer, Predictor
 
 ENCODE = EncodeConfig(max_source_tokens=128, stride_tokens=32, max_target_tokens=8)
@@ -51,8 +51,9 @@ def test_metrics_and_rows(tiny_model, examples):
         assert row["window"] == 0
     assert [row["answer_in_input"] for row in result.predictions] == [True] * 5 + [None]
     # EM/F1 are exactly the official scorer's over the same predictions.
-    expected = squad_scores({r["id"]: r["prediction"] for r in result.predictions},
-                            {r["id"]: r["references"] for r in result.predictions})
+    assert result.metric == "squad_v2"  # chosen from the data: one question has no answer
+    expected = score_predictions("squad_v2", [(r["id"], r["prediction"], r["references"])
+                                              for r in result.predictions])
     assert result.metrics["exact_match"] == expected["exact_match"]
     assert result.metrics["f1"] == expected["f1"]
 
@@ -123,9 +124,9 @@ def test_model_mode_is_restored(tiny_model, examples):
 def test_evaluate_predictions_equals_squad_scores(examples):
     predictions = {examples[0].id: examples[0].answers[0], examples[1].id: "the " + examples[1].answers[0] + "!",
                    examples[2].id: "wrong", "none-1": ""}
-    result = evaluate_predictions(predictions, examples)
-    expected = squad_scores(predictions, {ex.id: list(ex.answers) for ex in examples})
-    assert result.metrics == expected
+    result = evaluate_predictions(predictions, examples, metric="squad_v2")
+    expected = score_predictions("squad_v2", [(ex.id, predictions.get(ex.id), list(ex.answers)) for ex in examples])
+    assert result.metrics == {**expected, "unmatched_predictions": 0}
     assert result.metrics["missing"] == 2
     assert [row["exact_match"] for row in result.predictions] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]
     assert all(ROW_KEYS <= set(row) for row in result.predictions)

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "t5qa"
 
 # Lower rank = earlier stage. The cli package is on top and may import everything.
 RANKS = {
-    "errors": 0, "config": 1, "data": 2, "stats": 3, "encode": 4, "metrics": 5, "fastpath": 5.5, "modeling": 6, "lora": 6.5,
+    "errors": 0, "config": 1, "data": 2, "encode": 3, "stats": 4, "metrics": 5, "fastpath": 5.5, "modeling": 6, "lora": 6.5,
     "predict": 7, "evaluate": 8, "report": 9, "train": 10, "export": 11, "serve": 12, "tune": 13, "demo": 14,
     "cli": 15,
 }

@@ -1,4 +1,4 @@
-"""Scoring must equal the official SQuAD v1.1 script (v2.0 rule for unanswerable questions), CJK character-level."""
+"""Scoring must equal the official scripts: SQuAD v1.1 (squad), SQuAD v2.0 (squad_v2) and CMRC 2018 (cmrc)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from t5qa.metrics import exact_match, f1, has_cjk, normalize_answer, squad_scores, token_accuracy
+from t5qa.metrics import (choose_metric, cmrc_exact, cmrc_f1, has_cjk, is_chinese, mixed_segmentation,
+                          normalize_answer, pair_scores, score_predictions, squad_exact, squad_f1, squad_v2_exact,
+                          squad_v2_f1, token_accuracy)
+
+exact_match, f1 = squad_exact, squad_f1
 
 
 # --- hand-computed expectations, one row per rule --------------------------------------------------------
@@ -62,11 +66,12 @@ def test_normalize_answer_applies_each_squad_rule(text: str, expected: str) -> N
         ("red dog", ["blue cat", "dog", "red dog house"], 0.0, 0.8),
         # v1.1 quirk: both normalise to "" -> strings equal (EM 1) but no common tokens (F1 0)
         ("the", ["an"], 1.0, 0.0),
-        # unanswerable (SQuAD v2 rule): only an answer that normalises to "" is right
+        # no reference at all (t5qa's extension; the v1.1 script fails): only an answer that normalises to ""
         ("", [], 1.0, 1.0),
         ("The.", [], 1.0, 1.0),
         ("nothing", [], 0.0, 0.0),
-        ("", ["", "  "], 1.0, 1.0),                           # blank references also mean "no answer"
+        ("", ["", "  "], 1.0, 0.0),                           # v1.1 on blank references: EM 1, F1 0
+        ("", ["."], 1.0, 0.0),                                # the same quirk (v2.0 gives 1 and 1)
         ("Paris", "Paris", 1.0, 1.0),                         # a bare string is one reference, not characters
     ],
 )
@@ -77,60 +82,144 @@ def test_exact_match_and_f1_hand_computed(
     assert f1(prediction, references) == pytest.approx(f1_expected, abs=1e-12)
 
 
+# --- SQuAD v2.0 ------------------------------------------------------------------------------------------
+
 @pytest.mark.parametrize(
     ("prediction", "references", "em", "f1_expected"),
     [
-        # 4 characters vs 2, overlap 2: P=1/2, R=1 -> 2/3 (whitespace tokens would give 0)
-        ("北京大学", ["北京"], 0.0, 2 / 3),
-        ("北京。", ["北京"], 1.0, 1.0),                         # Chinese full stop stripped
-        ("《红楼梦》", ["红楼梦"], 1.0, 1.0),                     # book-title marks stripped
-        ("“北京”，中国！", ["北京中国"], 1.0, 1.0),                # curly quotes, full-width comma and ! stripped
-        ("北京 大学", ["北京大学"], 1.0, 1.0),                    # spaces between CJK characters do not matter
-        # Latin/digit runs are one token: [1949, 年, 10, 月] vs [1949, 年] -> P=1/2, R=1 -> 2/3
-        ("1949年10月", ["1949年"], 0.0, 2 / 3),
-        # 5 characters vs 2, overlap 2: P=2/5, R=1 -> 4/7
-        ("東京タワー", ["東京"], 0.0, 4 / 7),                    # Japanese kanji + katakana
-        ("서울특별시", ["서울"], 0.0, 4 / 7),                    # Korean Hangul
+        ("", ["."], 1.0, 1.0),                   # "." normalises to nothing: dropped, so only "" is right
+        ("x", ["."], 0.0, 0.0),
+        ("", [], 1.0, 1.0),                      # unanswerable
+        ("The.", [], 1.0, 1.0),                  # normalises to ""
+        ("foo", [], 0.0, 0.0),
+        ("", ["Paris", "!"], 0.0, 0.0),          # "!" dropped, "Paris" stays: an empty prediction is wrong
+        ("the", ["an"], 1.0, 1.0),               # both normalise to "": v2.0 F1 is 1 (v1.1 says 0)
+        ("big red dog", ["red dog"], 0.0, 0.8),
+    ],
+)
+def test_squad_v2_pairs_hand_computed(prediction: str, references: list[str], em: float, f1_expected: float) -> None:
+    assert squad_v2_exact(prediction, references) == em
+    assert squad_v2_f1(prediction, references) == pytest.approx(f1_expected, abs=1e-12)
+
+
+def test_squad_v2_keys_by_id_and_counts_missing_as_zero() -> None:
+    entries = [("q1", "x", ["x"]), ("q2", None, ["y"]), ("q3", "", []), ("q1", "x", ["y"])]
+    scores = score_predictions("squad_v2", entries)
+    # q1's last entry wins (EM 0), q2 has no prediction (0, counted), q3 is a right "no answer" (1)
+    assert scores["count"] == 3 and scores["duplicate_ids"] == 1 and scores["missing"] == 1
+    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert (scores["HasAns_count"], scores["NoAns_count"]) == (2, 1)
+    assert scores["HasAns_exact_match"] == 0.0 and scores["NoAns_exact_match"] == 100.0
+    assert "best_f1" not in scores
+
+
+def test_squad_v2_no_answer_threshold_and_best_thresholds() -> None:
+    entries = [("q1", "x", ["x"]), ("q2", "y", []), ("q3", "", [])]
+    probs = {"q1": 0.1, "q2": 0.9, "q3": 0.5}
+    scores = score_predictions("squad_v2", entries, no_answer_probs=probs)
+    assert scores["exact_match"] == pytest.approx(200 / 3)  # threshold 1.0: no probability exceeds it
+    # By rising probability: q1 (+1 -> 3 of 3 at 0.1), q3 (+0), q2 (-1): best 100 at 0.1
+    assert scores["best_exact_match"] == 100.0 and scores["best_exact_match_thresh"] == 0.1
+    assert scores["best_f1"] == 100.0 and scores["best_f1_thresh"] == 0.1
+    # At 0.6, q2 (0.9) counts as "no answer", which is right for it
+    assert score_predictions("squad_v2", entries, no_answer_probs=probs, no_answer_threshold=0.6)["exact_match"] \
+        == 100.0
+    with pytest.raises(ValueError, match="no no-answer probability for question id 'q3'"):
+        score_predictions("squad_v2", entries, no_answer_probs={"q1": 0.1, "q2": 0.9})
+
+
+def _oracle_v2(pred: str, gold_list: list[str]) -> tuple[int, float]:
+    """The v2.0 script's compute_exact / compute_f1 and its gold filtering, transcribed."""
+    gold = [a for a in gold_list if _oracle_normalize(a)] or [""]
+
+    def toks(s: str) -> list[str]:
+        return _oracle_normalize(s).split() if s else []
+
+    def f1_one(a_gold: str) -> float:
+        g, p = toks(a_gold), toks(pred)
+        same = sum((Counter(g) & Counter(p)).values())
+        if len(g) == 0 or len(p) == 0:
+            return int(g == p)
+        if same == 0:
+            return 0
+        precision, recall = same / len(p), same / len(g)
+        return 2 * precision * recall / (precision + recall)
+
+    return max(int(_oracle_normalize(a) == _oracle_normalize(pred)) for a in gold), max(f1_one(a) for a in gold)
+
+
+# --- CMRC 2018 --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("prediction", "references", "em", "f1_expected"),
+    [
+        # [勇 士 队] in [金 州 勇 士 队]: run 3, P=1, R=3/5 -> 0.75
+        ("勇士队", ["金州勇士队"], 0.0, 0.75),
+        # mixed Chinese/English: gold [2018 年 nba 总 决 赛], pred [nba 总 决 赛]: run 4, P=1, R=2/3 -> 0.8
+        ("NBA总决赛", ["2018年NBA总决赛"], 0.0, 0.8),
+        ("“金州勇士”。", ["金州勇士"], 1.0, 1.0),     # curly quotes and 。 are in the script's list
+        # "…" is not (the list holds "……" as one entry): EM 0; segments [勇 士 …] vs [勇 士]: P=2/3, R=1 -> 0.8
+        ("勇士…", ["勇士"], 0.0, 0.8),
+        # contiguous run, not a bag: [士 勇] vs [勇 士] share runs of 1 only: P=R=1/2 -> 0.5 (a bag gives 1)
+        ("士勇", ["勇士"], 0.0, 0.5),
+        # no article removal, lowercase only: [the warriors] vs [warriors]: P=1/2, R=1 -> 2/3
+        ("The Warriors", ["warriors"], 0.0, 2 / 3),
+        # ASCII comma is not removed, NLTK keeps "1,000" whole: [1,000 元] vs [1000 元]: run 1 -> 0.5
+        ("1,000元", ["1000元"], 0.0, 0.5),
+        ("金州勇士！", ["金州勇士", "勇士"], 1.0, 1.0),  # full-width ! removed; max over references
+        ("上海", ["北京", "上海市"], 0.0, 0.8),
         ("北京", ["Beijing"], 0.0, 0.0),
-        ("上海", ["北京", "上海市"], 0.0, 0.8),                   # max over references: P=1, R=2/3
-        ("", [], 1.0, 1.0),
+        ("臺北市", ["臺北"], 0.0, 0.8),               # traditional characters (DRCD), U+81FA is in range
+        ("", [], 1.0, 1.0),                          # no reference: t5qa's extension, as squad_v2
         ("北京", [], 0.0, 0.0),
     ],
 )
-def test_cjk_is_scored_character_level(prediction: str, references: list[str], em: float, f1_expected: float) -> None:
-    assert exact_match(prediction, references) == em
-    assert f1(prediction, references) == pytest.approx(f1_expected, abs=1e-12)
+def test_cmrc_pairs_hand_computed(prediction: str, references: list[str], em: float, f1_expected: float) -> None:
+    assert cmrc_exact(prediction, references) == em
+    assert cmrc_f1(prediction, references) == pytest.approx(f1_expected, abs=1e-12)
+
+
+def test_mixed_segmentation_splits_chinese_characters_and_english_words() -> None:
+    assert mixed_segmentation("2018年，NBA总决赛 won by the Warriors!") == [
+        "2018", "年", "nba", "总", "决", "赛", "won", "by", "the", "warriors", "!"]
+    # without punctuation removal the script's list characters are segments of their own
+    assert mixed_segmentation("a-b", remove_punctuation=False) == ["a", "-", "b"]
+
+
+def test_cmrc_counts_every_entry_and_missing_as_zero() -> None:
+    entries = [("q1", "勇士", ["勇士"]), ("q1", "勇士", ["湖人"]), ("q2", None, ["北京"])]
+    scores = score_predictions("cmrc", entries)
+    assert scores["count"] == 3 and scores["missing"] == 1
+    assert scores["exact_match"] == pytest.approx(100 / 3) and scores["f1"] == pytest.approx(100 / 3)
+    assert scores["average"] == pytest.approx(100 / 3)
+
+
+# --- SQuAD v1.1 totals, choosing a scorer ------------------------------------------------------------------
+
+def test_squad_counts_every_entry_even_a_repeated_id() -> None:
+    entries = [("q1", "x", ["x"]), ("q1", "x", ["y"]), ("q2", None, ["z"])]
+    scores = score_predictions("squad", entries)
+    assert scores == {"exact_match": pytest.approx(100 / 3), "f1": pytest.approx(100 / 3), "count": 3,
+                      "missing": 1}
+
+
+def test_score_of_nothing_is_zero_and_unknown_metric_is_refused() -> None:
+    assert score_predictions("squad", []) == {"exact_match": 0.0, "f1": 0.0, "count": 0, "missing": 0}
+    with pytest.raises(ValueError, match="--metric must be one of squad, squad_v2, cmrc"):
+        pair_scores("bleu", "a", ["a"])
+
+
+def test_choose_metric_follows_the_data() -> None:
+    assert choose_metric(["异常检测用于发现信用卡欺诈。", "臺北是臺灣的首都", "An English context."], False) == "cmrc"
+    assert choose_metric(["An English context.", "Another one."], True) == "squad_v2"
+    assert choose_metric(["An English context.", "异常检测"], False) == "squad"
+    assert is_chinese("2018年NBA总决赛") and is_chinese("臺北是臺灣的首都")
+    assert not is_chinese("ひらがなとカタカナ") and not is_chinese("Credit card fraud") and not is_chinese("")
 
 
 def test_has_cjk_detects_han_kana_hangul_only() -> None:
     assert has_cjk("价格") and has_cjk("ひらがな") and has_cjk("カタカナ") and has_cjk("한국어")
     assert not has_cjk("Ünïcode, ümlaut — ½") and not has_cjk("，。")
-
-
-# --- squad_scores --------------------------------------------------------------------------------------
-
-def test_squad_scores_percentages_groups_and_missing() -> None:
-    predictions = {"q1": "Paris", "q2": "the big red dog", "q3": "", "q4": "something", "extra": "x"}
-    references = {"q1": ["Paris"], "q2": ["a red dog"], "q3": [], "q4": [], "q5": ["x"]}
-    scores = squad_scores(predictions, references)
-    # per question EM 1, 0, 1, 0, 0 (q5 missing -> ""); F1 1, 0.8, 1, 0, 0
-    assert scores["count"] == 5 and scores["missing"] == 1
-    assert scores["exact_match"] == pytest.approx(40.0)
-    assert scores["f1"] == pytest.approx(56.0)
-    assert scores["HasAns_count"] == 3 and scores["NoAns_count"] == 2
-    assert scores["HasAns_exact_match"] == pytest.approx(100 / 3)
-    assert scores["HasAns_f1"] == pytest.approx(60.0)
-    assert scores["NoAns_exact_match"] == pytest.approx(50.0)
-    assert scores["NoAns_f1"] == pytest.approx(50.0)
-
-
-def test_squad_scores_without_unanswerable_has_no_group_keys() -> None:
-    scores = squad_scores({"a": "red dog", "b": "blue"}, {"a": ["red dog"], "b": ["green"]})
-    assert scores == {"exact_match": 50.0, "f1": 50.0, "count": 2, "missing": 0}
-
-
-def test_squad_scores_of_nothing_is_zero() -> None:
-    assert squad_scores({}, {}) == {"exact_match": 0.0, "f1": 0.0, "count": 0, "missing": 0}
 
 
 # --- equality with the official v1.1 algorithm on generated inputs ------------------------------------
@@ -169,26 +258,30 @@ _ANY_TEXT = st.one_of(_TEXT, st.text(alphabet=st.characters(codec="latin-1"), ma
 @settings(max_examples=400, deadline=None)
 @given(prediction=_ANY_TEXT, references=st.lists(_ANY_TEXT, min_size=1, max_size=3))
 def test_matches_official_v11_algorithm(prediction: str, references: list[str]) -> None:
-    if not any(r.strip() for r in references):
-        references = references + ["cat"]  # keep the question answerable: the v1.1 rules apply
     assert normalize_answer(prediction) == _oracle_normalize(prediction)
     assert exact_match(prediction, references) == float(max(_oracle_em(prediction, r) for r in references))
     assert f1(prediction, references) == max(_oracle_f1(prediction, r) for r in references)
+
+
+@settings(max_examples=400, deadline=None)
+@given(prediction=_ANY_TEXT, references=st.lists(_ANY_TEXT, max_size=3))
+def test_matches_official_v20_algorithm(prediction: str, references: list[str]) -> None:
+    assert pair_scores("squad_v2", prediction, references) == _oracle_v2(prediction, references)
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.dictionaries(st.sampled_from("abcdefgh"), st.tuples(_TEXT, st.lists(_TEXT, min_size=1, max_size=2)
                                                                  .filter(lambda refs: any(r.strip() for r in refs))),
                        min_size=1))
-def test_squad_scores_match_official_totals(rows: dict[str, tuple[str, list[str]]]) -> None:
+def test_squad_totals_match_official_totals(rows: dict[str, tuple[str, list[str]]]) -> None:
     predictions = {qid: pred for qid, (pred, _) in rows.items()}
     references = {qid: refs for qid, (_, refs) in rows.items()}
     total = len(rows)
     em = 100.0 * sum(max(_oracle_em(predictions[q], r) for r in references[q]) for q in rows) / total
     f1_total = 100.0 * sum(max(_oracle_f1(predictions[q], r) for r in references[q]) for q in rows) / total
-    scores = squad_scores(predictions, references)
+    scores = score_predictions("squad", [(q, predictions[q], references[q]) for q in rows])
     assert scores["exact_match"] == pytest.approx(em) and scores["f1"] == pytest.approx(f1_total)
-    assert scores["count"] == total and "NoAns_count" not in scores
+    assert scores["count"] == total and scores["missing"] == 0
 
 
 # --- token accuracy --------------------------------------------------------------------------------------
@@ -237,11 +330,12 @@ def test_cmrc2018_half_answers_get_partial_credit() -> None:
     references = {qa["id"]: [a["text"] for a in qa["answers"]]
                   for article in data["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]}
     assert len(references) == 1002
+    entries = [(q, refs[0], refs) for q, refs in references.items()]
     # Each first reference scores 100 against its own list: the normalisation never breaks real answers.
-    assert squad_scores({q: refs[0] for q, refs in references.items()}, references)["exact_match"] == 100.0
-    # The first half of each answer: whitespace tokens give almost nothing (2.4 F1 with the v1.1 algorithm),
-    # character-level tokens give about 61.
+    assert score_predictions("cmrc", entries)["exact_match"] == 100.0
+    # The first half of each answer: whitespace tokens give almost nothing (under 5 F1 with the v1.1
+    # algorithm); CMRC's segments give partial credit for every half.
     halves = {q: refs[0][: max(1, len(refs[0]) // 2)] for q, refs in references.items()}
     whitespace_f1 = 100 * sum(max(_oracle_f1(halves[q], r) for r in refs) for q, refs in references.items()) / 1002
-    scores = squad_scores(halves, references)
-    assert whitespace_f1 < 5 and 50 < scores["f1"] < 70
+    scores = score_predictions("cmrc", [(q, halves[q], refs) for q, refs in references.items()])
+    assert whitespace_f1 < 5 and 50 < scores["f1"] < 75 and scores["count"] == 1002

@@ -11,7 +11,8 @@ from conftest import synthetic_copy_examples
 from t5qa.cli import main
 from t5qa.config import GenerateConfig
 from t5qa.data import write_jsonl
-from t5qa.metrics import squad_scores
+from t5qa.errors import DataError
+from t5qa.metrics import score_predictions
 from t5qa.predict import Predictor
 
 
@@ -128,7 +129,8 @@ def test_evaluate_predictions_file(data_file, examples, tmp_path, capsys):
     official.write_text(json.dumps(predictions), encoding="utf-8")
     assert main(["evaluate", "--predictions", str(official), "--data", str(data_file), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics == squad_scores(predictions, {ex.id: list(ex.answers) for ex in examples})
+    expected = score_predictions("squad", [(ex.id, predictions.get(ex.id), list(ex.answers)) for ex in examples])
+    assert metrics == {"metric": "squad", **expected, "unmatched_predictions": 0}
     lines = tmp_path / "lines.jsonl"
     lines.write_text("".join(json.dumps({"id": k, "prediction": v}) + "\n" for k, v in predictions.items()),
                      encoding="utf-8")
@@ -145,3 +147,50 @@ def test_evaluate_errors_are_one_line(tiny_model_dir, data_file, tmp_path, capsy
     bad.write_text('{"id": "a", "prediction": "x"}\n{oops\n', encoding="utf-8")
     rc = main(["evaluate", "--predictions", str(bad), "--data", str(data_file)])
     _one_line_error(capsys, rc, "bad.jsonl:2")
+
+
+def _questions_only(path, fmt: str, rows: list[dict]) -> None:
+    import csv
+
+    if fmt == "csv":
+        with path.open("w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    else:  # SQuAD JSON without "answers"
+        qas = [{"id": r.get("id", str(k)), "question": r["question"]} for k, r in enumerate(rows)]
+        path.write_text(json.dumps({"data": [{"paragraphs": [{"context": rows[0]["context"], "qas": qas}]}]}),
+                        encoding="utf-8")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_predict_answers_files_with_only_context_and_question(tiny_model_dir, examples, tmp_path, fmt, capsys):
+    rows = [{"context": ex.context, "question": ex.question} for ex in examples[:3]]
+    if fmt == "json":
+        rows = [{"context": examples[0].context, "question": q} for q in ("what is the code?", "what city?")]
+    data = tmp_path / f"questions.{fmt}"
+    _questions_only(data, fmt, rows)
+    out = tmp_path / "answers.jsonl"
+    assert main(["predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out),
+                 "--no-progress"]) == 0
+    answers = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [a["question"] for a in answers] == [r["question"] for r in rows]
+    # ids are numbered from 1 (flat files) when the file has none
+    assert fmt == "json" or [a["id"] for a in answers] == [str(k) for k in range(1, len(rows) + 1)]
+    expected = Predictor.from_pretrained(tiny_model_dir).answer_many([(r["context"], r["question"]) for r in rows])
+    assert [a["prediction"] for a in answers] == [e.text for e in expected]
+
+
+@pytest.mark.parametrize("empty", ["question", "context"])
+def test_predict_refuses_an_empty_question_or_context_naming_the_row(tiny_model_dir, tmp_path, empty, capsys):
+    rows = [{"context": "the code is kilo .", "question": "what is the code?"},
+            {"context": "the city is oslo .", "question": "what city?"}]
+    rows[1][empty] = "  "
+    data = tmp_path / "questions.csv"
+    _questions_only(data, "csv", rows)
+    rc = main(["predict", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "a.jsonl")])
+    _one_line_error(capsys, rc, "questions.csv:row 2 (line 3)", f"empty {empty}")
+    with pytest.raises(DataError, match=f"pair 0: empty {empty}"):
+        Predictor.from_pretrained(tiny_model_dir).answer_many([(rows[1]["context"], rows[1]["question"])])

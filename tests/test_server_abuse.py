@@ -193,6 +193,13 @@ def test_fuzzed_json_bodies_never_get_a_5xx(client: httpx.Client, body: Any) -> 
         assert_clear_4xx(response, (400, 404, 405, 413, 422))
 
 
+@pytest.mark.parametrize("name", ["\n", "a\tb", "\x00", "\u2028", "ok name\r\n"])
+def test_field_names_with_line_breaks_are_quoted_on_one_line(client: httpx.Client, name: str) -> None:
+    # Hypothesis once found {"pairs": [{"\n": null}]}: the raw name broke the one-line message.
+    message = assert_clear_4xx(client.post("/v1/answer", json={"pairs": [{name: None}]}), 422, "unknown field")
+    assert repr(name) in message and message.isprintable()
+
+
 def test_wrong_method_and_path_get_4xx(server: str, client: httpx.Client) -> None:
     assert client.get("/v1/answer").status_code == 405
     assert client.post("/v1/nothing", json={}).status_code == 404

@@ -328,7 +328,7 @@ def test_loss_is_minimised_and_a_study_keeps_its_direction(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"metric": "bleu"}, "--metric must be one of"),
+    ({"metric": "bleu"}, "--metric-for-best must be one of"),
     ({"trials": 0}, "--trials must be at least 1"),
     ({"storage": "study.db"}, "--storage must be a database URL"),
 ])

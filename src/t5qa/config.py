@@ -29,6 +29,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "adafactor")
 PRECISIONS = ("fp32", "bf16", "fp16")
 METRICS = ("f1", "exact_match", "loss", "token_accuracy")
+SCORERS = ("squad", "squad_v2", "cmrc")  # the official EM/F1 definitions t5qa.metrics implements
 REPORT_FORMATS = ("md", "html")
 
 
@@ -233,6 +234,9 @@ class TrainConfig:
     """Evaluate on at most this many validation examples during training (None: all)."""
     metric_for_best: str = "f1"
     """Metric that selects best/ and drives early stopping: f1, exact_match, loss or token_accuracy."""
+    metric: str | None = None
+    """Official scorer of validation EM/F1: squad, squad_v2 or cmrc; None chooses from the validation data
+    (cmrc when most contexts are Chinese, squad_v2 when some question has no answer, squad otherwise)."""
     early_stopping_patience: int | None = None
     """Stop after this many evaluations without improvement; None never stops early."""
     save_every_steps: int | None = None
@@ -288,6 +292,8 @@ class TrainConfig:
                               ("report_format", REPORT_FORMATS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.metric is not None and self.metric not in SCORERS:
+            problems.append(f"--metric must be one of {', '.join(SCORERS)}, got {self.metric!r}")
         _raise_all(problems)
 
     @property

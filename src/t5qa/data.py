@@ -364,8 +364,12 @@ def _text(value: Any) -> str:
 # ------------------------------------------------------------------------------------------- flat records
 
 
-def _resolve_columns(columns: Sequence[str], config: DataConfig, where: str) -> dict[str, str | None]:
-    """Map roles (context, question, answer, id, start) to column names, reporting every missing one at once."""
+def _resolve_columns(columns: Sequence[str], config: DataConfig, where: str,
+                     require_answers: bool = True) -> dict[str, str | None]:
+    """Map roles (context, question, answer, id, start) to column names, reporting every missing one at once.
+
+    Without `require_answers` (questions to answer, not to train or score on), the answer column is optional.
+    """
     available = list(columns)
     lower = {c.lower(): c for c in available}
     chosen: dict[str, str | None] = {}
@@ -383,7 +387,7 @@ def _resolve_columns(columns: Sequence[str], config: DataConfig, where: str) -> 
             chosen[role] = flag_value
             continue
         found = next((lower[c] for c in DEFAULT_COLUMNS[role] if c in lower), None)
-        if found is None and role != "id":
+        if found is None and role != "id" and (role != "answer" or require_answers):
             names = " or ".join(repr(c) for c in DEFAULT_COLUMNS[role])
             problems.append(f"no {role} column (looked for {names}; pass {flag} NAME)")
         chosen[role] = found
@@ -398,18 +402,22 @@ def _resolve_columns(columns: Sequence[str], config: DataConfig, where: str) -> 
 
 
 def _records_to_examples(
-    rows: Iterable[tuple[str, dict[str, Any]]], columns: Sequence[str], config: DataConfig, where: str
+    rows: Iterable[tuple[str, dict[str, Any]]], columns: Sequence[str], config: DataConfig, where: str,
+    require_answers: bool = True,
 ) -> list[QAExample]:
     """Build examples from (location, record) pairs; `location` is e.g. "row 5 (line 6)" or "line 3"."""
     rows = list(rows)
     if not rows:
         return []  # reported as an empty dataset, which says more than "no context column"
-    cols = _resolve_columns(columns, config, where)
+    cols = _resolve_columns(columns, config, where, require_answers)
     no_answer = frozenset(config.no_answer_values)
     c_ctx, c_q, c_a, c_id, c_start = cols["context"], cols["question"], cols["answer"], cols["id"], cols["start"]
     examples = []
     for number, (location, row) in enumerate(rows, start=1):
-        texts, starts = _parse_answers(row.get(c_a), row.get(c_start) if c_start else None, no_answer)
+        if c_a is None:  # questions only: nothing to learn from or score against
+            texts, starts = _NO_ANSWER
+        else:
+            texts, starts = _parse_answers(row.get(c_a), row.get(c_start) if c_start else None, no_answer)
         raw_id = row.get(c_id) if c_id else None
         examples.append(
             QAExample(
@@ -424,7 +432,8 @@ def _records_to_examples(
     return examples
 
 
-def _read_delimited(path: Path, text: str, delimiter: str, config: DataConfig) -> list[QAExample]:
+def _read_delimited(path: Path, text: str, delimiter: str, config: DataConfig,
+                    require_answers: bool = True) -> list[QAExample]:
     kind = "TSV" if delimiter == "\t" else "CSV"
     # Contexts such as whole papers exceed csv's default 128 KiB field limit.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -461,7 +470,7 @@ def _read_delimited(path: Path, text: str, delimiter: str, config: DataConfig) -
                 + (" (is this a TSV file? pass --format tsv)" if delimiter == "," and "\t" in "".join(cells) else "")
             )
         rows.append((f"row {row_number} (line {first_line})", dict(zip(header, cells))))
-    return _records_to_examples(rows, header, config, str(path))
+    return _records_to_examples(rows, header, config, str(path), require_answers)
 
 
 def _union_keys(records: Iterable[dict[str, Any]]) -> list[str]:
@@ -472,7 +481,7 @@ def _union_keys(records: Iterable[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def _read_json_records(path: Path, obj: Any, config: DataConfig) -> list[QAExample]:
+def _read_json_records(path: Path, obj: Any, config: DataConfig, require_answers: bool = True) -> list[QAExample]:
     records = obj["data"] if isinstance(obj, dict) else obj
     prefix = "data" if isinstance(obj, dict) else ""
     for i, record in enumerate(records):
@@ -481,22 +490,22 @@ def _read_json_records(path: Path, obj: Any, config: DataConfig) -> list[QAExamp
                 f"{path}: {prefix}[{i}]: expected a JSON object with named fields, got {type(record).__name__}"
             )
     rows = [(f"{prefix}[{i}]", record) for i, record in enumerate(records)]
-    return _records_to_examples(rows, _union_keys(records), config, str(path))
+    return _records_to_examples(rows, _union_keys(records), config, str(path), require_answers)
 
 
 _QED_KEYS = {"paragraph_text", "question_text", "original_nq_answers"}
 
 
-def _read_jsonl(path: Path, text: str, config: DataConfig) -> list[QAExample]:
+def _read_jsonl(path: Path, text: str, config: DataConfig, require_answers: bool = True) -> list[QAExample]:
     parsed = _parse_jsonl(path, text)
     if config.format == "qed" or (config.format is None and parsed and _QED_KEYS <= parsed[0][1].keys()
                                   and config.context_column is None):
         return _read_qed(path, parsed)
     rows = [(f"line {n}", record) for n, record in parsed]
-    return _records_to_examples(rows, _union_keys(r for _, r in parsed), config, str(path))
+    return _records_to_examples(rows, _union_keys(r for _, r in parsed), config, str(path), require_answers)
 
 
-def _read_parquet(path: Path, config: DataConfig) -> list[QAExample]:
+def _read_parquet(path: Path, config: DataConfig, require_answers: bool = True) -> list[QAExample]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -506,13 +515,13 @@ def _read_parquet(path: Path, config: DataConfig) -> list[QAExample]:
         raise DataError(f"{path}: not a readable Parquet file ({exc}); re-export it") from None
     records = table.to_pylist()
     rows = [(f"row {i}", record) for i, record in enumerate(records, start=1)]
-    return _records_to_examples(rows, table.column_names, config, str(path))
+    return _records_to_examples(rows, table.column_names, config, str(path), require_answers)
 
 
 # --------------------------------------------------------------------------------------------- SQuAD & co.
 
 
-def _read_squad(path: Path, obj: Any) -> list[QAExample]:
+def _read_squad(path: Path, obj: Any, require_answers: bool = True) -> list[QAExample]:
     """Read SQuAD v1.1/v2.0 nested JSON, naming the JSON path of the first shape problems."""
     problems: list[str] = []
     examples: list[QAExample] = []
@@ -550,10 +559,10 @@ def _read_squad(path: Path, obj: Any) -> list[QAExample]:
                     continue
                 impossible = bool(qa.get("is_impossible", False))
                 raw_answers = qa.get("answers")
-                if raw_answers is None and not impossible:
+                if raw_answers is None and not impossible and require_answers:
                     problem(where_q, 'missing "answers"')
                     continue
-                if impossible:
+                if impossible or raw_answers is None:
                     texts, starts = _NO_ANSWER
                 else:
                     if not isinstance(raw_answers, list):
@@ -638,7 +647,7 @@ def _read_qed(path: Path, parsed: list[tuple[int, Any]]) -> list[QAExample]:
 # ---------------------------------------------------------------------------------------------- HF datasets
 
 
-def _read_hf_dataset(dataset: Any, config: DataConfig, where: str) -> list[QAExample]:
+def _read_hf_dataset(dataset: Any, config: DataConfig, where: str, require_answers: bool = True) -> list[QAExample]:
     import datasets
 
     if isinstance(dataset, datasets.DatasetDict):
@@ -650,26 +659,26 @@ def _read_hf_dataset(dataset: Any, config: DataConfig, where: str) -> list[QAExa
             names = [config.hf_split]
         examples: list[QAExample] = []
         for name in names:
-            examples.extend(_read_hf_dataset(dataset[name], config, f"{where}[{name}]"))
+            examples.extend(_read_hf_dataset(dataset[name], config, f"{where}[{name}]", require_answers))
         return examples
     if not isinstance(dataset, datasets.Dataset):
         raise DataError(f"{where}: expected a datasets Dataset or DatasetDict, got {type(dataset).__name__}")
     records = dataset.to_list()
     rows = [(f"row {i}", record) for i, record in enumerate(records, start=1)]
-    return _records_to_examples(rows, dataset.column_names, config, where)
+    return _records_to_examples(rows, dataset.column_names, config, where, require_answers)
 
 
-def _load_hf_disk(path: Path, config: DataConfig) -> list[QAExample]:
+def _load_hf_disk(path: Path, config: DataConfig, require_answers: bool = True) -> list[QAExample]:
     import datasets
 
     try:
         dataset = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as exc:
         raise DataError(f"{path}: not a readable `datasets` save_to_disk folder ({exc})") from None
-    return _read_hf_dataset(dataset, config, str(path))
+    return _read_hf_dataset(dataset, config, str(path), require_answers)
 
 
-def _load_hub(name: str, config: DataConfig) -> list[QAExample]:
+def _load_hub(name: str, config: DataConfig, require_answers: bool = True) -> list[QAExample]:
     import datasets
 
     try:
@@ -681,19 +690,22 @@ def _load_hub(name: str, config: DataConfig) -> list[QAExample]:
         ) from None
     except (ValueError, datasets.exceptions.DatasetNotFoundError) as exc:  # type: ignore[attr-defined]
         raise DataError(f"{name}: no such local file, and not loadable as a Hub dataset ({exc})") from None
-    return _read_hf_dataset(dataset, config, name)
+    return _read_hf_dataset(dataset, config, name, require_answers)
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _FILE_SUFFIXES = (".json", ".csv", ".tsv", ".parquet", ".txt") + _JSONL_SUFFIXES
 
 
-def load_examples(source: str | Path | Any, config: DataConfig | None = None) -> list[QAExample]:
+def load_examples(source: str | Path | Any, config: DataConfig | None = None, *,
+                  require_answers: bool = True) -> list[QAExample]:
     """Read a data file, folder, Hub dataset name or in-memory `datasets` dataset into examples (no cleaning).
 
     Args:
         source: a path, a Hub dataset name, or a `datasets.Dataset` / `DatasetDict`.
         config: format and column mapping; None uses the defaults.
+        require_answers: False for questions to answer (`predict`): then a file without an answer column (or
+            SQuAD entries without "answers") is read, and such questions get no references.
     Returns:
         The examples in file order; nothing is dropped here (see `clean_examples`).
     Raises:
@@ -701,7 +713,7 @@ def load_examples(source: str | Path | Any, config: DataConfig | None = None) ->
     """
     config = config or DataConfig()
     if not isinstance(source, (str, Path)):
-        return _read_hf_dataset(source, config, type(source).__name__)
+        return _read_hf_dataset(source, config, type(source).__name__, require_answers)
     fmt = config.format
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -709,31 +721,32 @@ def load_examples(source: str | Path | Any, config: DataConfig | None = None) ->
     if not path.exists():
         text = str(source)
         if fmt == "hf" or (fmt is None and _HUB_NAME.match(text) and not text.lower().endswith(_FILE_SUFFIXES)):
-            return _load_hub(text, config)
+            return _load_hub(text, config, require_answers)
         raise DataError(f"{path}: no such file or directory; check the path")
     detected, parsed = (None, None) if fmt in ("parquet", "hf", "hf_disk") else _detect(path)
     fmt = fmt or detected
     logger.debug("reading %s as %s", path, fmt)
     if fmt in ("hf", "hf_disk"):
-        return _load_hf_disk(path, config)
+        return _load_hf_disk(path, config, require_answers)
     if fmt == "parquet":
-        return _read_parquet(path, config)
+        return _read_parquet(path, config, require_answers)
     text = parsed if isinstance(parsed, str) else _decode(path, _read_bytes(path))
     if fmt in ("squad", "json", "pubmedqa"):
         obj = parsed if detected in ("squad", "json", "pubmedqa") else _parse_json(path, text)
         if fmt == "squad":
-            return _read_squad(path, obj)
+            return _read_squad(path, obj, require_answers)
         if fmt == "pubmedqa":
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: PubMedQA JSON must be an object of id -> record")
             return _read_pubmedqa(path, obj)
         if not (isinstance(obj, list) or (isinstance(obj, dict) and isinstance(obj.get("data"), list))):
             raise DataError(f'{path}: flat JSON must be a list of records or {{"data": [records]}}')
-        return _read_json_records(path, obj, config)
+        return _read_json_records(path, obj, config, require_answers)
     if fmt in ("jsonl", "qed"):
-        return _read_jsonl(path, text, dataclasses.replace(config, format=fmt) if fmt == "qed" else config)
+        return _read_jsonl(path, text, dataclasses.replace(config, format=fmt) if fmt == "qed" else config,
+                           require_answers)
     if fmt in ("csv", "tsv"):
-        return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", config)
+        return _read_delimited(path, text, "\t" if fmt == "tsv" else ",", config, require_answers)
     raise DataError(f"{path}: unsupported format {fmt!r}")  # pragma: no cover - FORMATS is checked above
 
 
@@ -980,6 +993,58 @@ def load_dataset(source: str | Path | Any, config: DataConfig | None = None, *,
         raise DataError(f"{where}: all {len(examples)} examples were dropped by cleaning ({reasons}); "
                         "check the column mapping (--context-column, --question-column, --answer-column)")
     return kept, report
+
+
+def require_inputs(examples: Sequence[QAExample]) -> None:
+    """Refuse examples that cannot be answered: an empty (or blank) context or question.
+
+    Raises:
+        DataError: naming the first such rows (file and row) and the fix.
+    """
+    bad = [(ex, "context" if not ex.context.strip() else "question") for ex in examples
+           if not ex.context.strip() or not ex.question.strip()]
+    if bad:
+        first, field_name = bad[0]
+        more = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
+        raise DataError(f"{first.source or first.id}: empty {field_name}{more}; every question needs a non-empty "
+                        "context and question: fill them in or remove those rows")
+
+
+def load_for_evaluation(source: str | Path | Any, config: DataConfig | None = None, *,
+                        need_inputs: bool = True) -> list[QAExample]:
+    """Read reference data for scoring: every question entry kept, in file order, references as written.
+
+    Unlike `load_dataset`, nothing is dropped, deduplicated or renamed, and answers are not rewritten: the
+    official scorers count every entry. Contexts and questions are normalised as in cleaning (NFC, whitespace)
+    so the model sees what it was trained on.
+
+    Args:
+        need_inputs: the examples will be answered by a model, so an empty context or question is refused.
+    Raises:
+        DataError: as `load_examples`; an empty dataset; with `need_inputs`, an empty context or question.
+    """
+    config = config or DataConfig()
+    examples = load_examples(source, config)
+    where = source if isinstance(source, (str, Path)) else type(source).__name__
+    if not examples:
+        raise DataError(f"{where}: the dataset is empty (no questions found); check the file and --format")
+    if need_inputs:
+        require_inputs(examples)
+    contexts: dict[str, _Normalised] = {}
+    out = []
+    for ex in examples:
+        norm = contexts.get(ex.context)
+        if norm is None:
+            norm = contexts[ex.context] = _Normalised(ex.context)
+        # Offsets follow the context into its normalised form; the answer texts themselves stay as written.
+        starts = []
+        for text, start in zip(ex.answers, ex.answer_starts):
+            lead = len(text) - len(text.lstrip())
+            exact = 0 <= start <= len(ex.context) and text.strip() and ex.context.startswith(text, start)
+            starts.append(norm.map_offset(start + lead) if exact else -1)
+        out.append(dataclasses.replace(ex, context=norm.text, question=_normalise_text(ex.question)[0],
+                                       answer_starts=tuple(starts)))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------- splitting

@@ -48,7 +48,7 @@ def _context_spans(
     fixed_tokens = len(tokenizer(empty_prompt)["input_ids"])  # prefix + suffix + </s>
     budget = max(8, cfg.max_source_tokens - fixed_tokens - _WINDOW_MARGIN_TOKENS)
     stride = min(cfg.stride_tokens, budget // 2)
-    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = token_offsets(tokenizer, context)
     if len(offsets) <= budget:
         return [(0, len(context))]
     spans = []
@@ -59,6 +59,86 @@ def _context_spans(
         if end == len(offsets):
             return spans
         start = end - stride
+
+
+def token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """(start, end) character offsets in `text` of each token of `tokenizer(text, add_special_tokens=False)`.
+
+    Fast tokenizers report them; slow ones (ByT5's byte tokenizer, SentencePiece-only tokenizers) cannot, so
+    they are derived: exactly from the UTF-8 bytes for byte-level tokenizers, by aligning each token's text with
+    `text` otherwise. A window cut at these offsets then holds at most the tokens it was given.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        return list(tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"])
+    if _is_byte_level(tokenizer):
+        offsets = _byte_offsets(text)
+        if len(offsets) == len(tokenizer(text, add_special_tokens=False)["input_ids"]):
+            return offsets
+        # Special-token text inside `text` ("</s>") is one token, not bytes: align instead.
+    return _aligned_offsets(tokenizer, text)
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    from transformers import ByT5Tokenizer
+
+    return isinstance(tokenizer, ByT5Tokenizer)
+
+
+def _byte_offsets(text: str) -> list[tuple[int, int]]:
+    """One (start, end) per UTF-8 byte. A character of several bytes starts at its first byte and ends at its
+    last, so a window that cuts through a character leaves it out instead of holding more bytes than it may."""
+    offsets: list[tuple[int, int]] = []
+    for i, ch in enumerate(text):
+        n = len(ch.encode("utf-8"))
+        offsets.extend((i if k == 0 else i + 1, i + 1 if k == n - 1 else i) for k in range(n))
+    return offsets
+
+
+def _aligned_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Offsets of a slow tokenizer's tokens, found by locating each token's own text in `text` in order.
+
+    A token whose text cannot be found where expected (`<unk>` for characters outside the vocabulary, a
+    normalised form) spans the text from the previous token's end to the next found token's start, as a fast
+    tokenizer reports an unknown run. On the t5-small vocabulary this gives the fast tokenizer's offsets
+    exactly, for English and for Chinese (tests/test_encode.py).
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # tokenize() keeps an unknown run's own characters (SentencePiece's surface form), where decoding its
+    # id gives "<unk>"; use it when it yields one piece per id.
+    tokens = tokenizer.tokenize(text)
+    if len(tokens) == len(ids):
+        pieces = [tokenizer.convert_tokens_to_string([token]) for token in tokens]
+    else:
+        pieces = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+    offsets: list[tuple[int, int]] = []
+    unplaced: list[int] = []  # tokens waiting for the next found token to close their span
+
+    def close(end: int) -> None:
+        for k in unplaced:
+            start = offsets[k][0]
+            offsets[k] = (start, max(start, len(text[start:end].rstrip()) + start))
+        unplaced.clear()
+
+    cursor = 0
+    for piece in pieces:
+        piece = piece.strip()
+        if not piece:
+            # A lone word-start marker ("▁" before a piece that begins a word): fast SentencePiece tokenizers
+            # give it the span of the next character, so do the same.
+            nxt = len(text) - len(text[cursor:].lstrip())
+            offsets.append((nxt, min(nxt + 1, len(text))))
+            continue
+        found = text.find(piece, cursor, cursor + len(piece) + 16) if not unplaced else text.find(piece, cursor)
+        if found == -1:
+            start = len(text) - len(text[cursor:].lstrip())
+            offsets.append((start, start))
+            unplaced.append(len(offsets) - 1)
+            continue
+        close(found)
+        offsets.append((found, found + len(piece)))
+        cursor = found + len(piece)
+    close(len(text))
+    return offsets
 
 
 def encode_windows(tokenizer: Any, question: str, context: str, cfg: EncodeConfig) -> list[Window]:

@@ -1,9 +1,9 @@
 """Evaluate a model on QA examples: teacher-forced loss and token accuracy, then EM/F1 of generated answers.
 
 Generated answers come from the same `Predictor` users call, so the scores measure what `t5qa predict` and
-the server return (long contexts in windows included). EM/F1 follow the official SQuAD v1.1 scorer
-(`metrics.py`): best over the reference answers, character-level for CJK text, SQuAD v2 rules for
-unanswerable questions.
+the server return (long contexts in windows included). EM/F1 follow the official scorer chosen by name
+(`metrics.py`: squad, squad_v2 or cmrc); `choose_metric_for` picks one from the data when none is given. Every
+question entry of the reference data is scored: nothing is dropped, deduplicated or rewritten here.
 
 With an `accelerate.Accelerator` of several processes, each process evaluates its own contiguous shard of the
 examples; the per-example rows and the loss sums are gathered so every process returns the same metrics.
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 from t5qa.config import EncodeConfig, GenerateConfig
 from t5qa.data import QAExample
 from t5qa.encode import encode_for_training, make_collator
-from t5qa.metrics import exact_match, f1, squad_scores, token_accuracy
+from t5qa.metrics import check_metric, choose_metric, pair_scores, score_predictions, token_accuracy
 from t5qa.predict import Answer, Predictor
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,10 @@ class EvalResult:
     """Scores of one evaluation and one row per example."""
 
     metrics: dict[str, float] = field(default_factory=dict)
-    """loss (mean per target token), token_accuracy (0-1), exact_match and f1 (0-100), count, and
-    HasAns_* / NoAns_* when unanswerable questions are present."""
+    """loss (mean per target token), token_accuracy (0-1), exact_match and f1 (0-100), count, missing, and
+    the scorer's own keys (see `metrics.score_predictions`)."""
+    metric: str = "squad"
+    """The scorer used: squad, squad_v2 or cmrc."""
     predictions: list[dict[str, Any]] = field(default_factory=list)
     """id, question, prediction, references, exact_match, f1 (0/1 and 0-1), answer_in_input, window,
     num_windows, score; in example order."""
@@ -48,6 +50,7 @@ def evaluate_model(
     generate: GenerateConfig,
     *,
     batch_size: int,
+    metric: str | None = None,
     accelerator: Any = None,
     max_examples: int | None = None,
 ) -> EvalResult:
@@ -60,6 +63,7 @@ def evaluate_model(
         encode: how inputs are built (as in training).
         generate: decoding settings for the generated answers.
         batch_size: examples per forward pass (loss and generation).
+        metric: the scorer (squad, squad_v2, cmrc); None chooses one from the examples (`choose_metric_for`).
         accelerator: an `accelerate.Accelerator`; with several processes the work is sharded and gathered.
         max_examples: evaluate only the first N examples.
     Returns:
@@ -67,6 +71,7 @@ def evaluate_model(
     """
     started = time.perf_counter()
     examples = list(examples[:max_examples] if max_examples else examples)
+    metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
     indices = list(range(len(examples)))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as shard:
@@ -85,7 +90,7 @@ def evaluate_model(
         answers = predictor.answer_many(pairs, batch_size=batch_size)
     finally:
         core.train(was_training)
-    rows = [(i, _row(examples[i], a)) for i, a in zip(shard, answers)]
+    rows = [(i, _row(examples[i], a, metric)) for i, a in zip(shard, answers)]
     sums = [(loss_sum, target_tokens, correct)]
 
     if accelerator is not None and accelerator.num_processes > 1:
@@ -105,11 +110,17 @@ def evaluate_model(
         "loss": loss_total / tokens_total if tokens_total else float("nan"),
         "token_accuracy": correct_total / tokens_total if tokens_total else 0.0,
     }
-    metrics.update(_score_rows(predictions))
+    metrics.update(score_predictions(metric, [(r["id"], r["prediction"], r["references"]) for r in predictions]))
     seconds = time.perf_counter() - started
     metrics["eval_seconds"] = seconds
     logger.debug("evaluated %d examples in %.1f s", len(examples), seconds)
-    return EvalResult(metrics=metrics, predictions=predictions)
+    return EvalResult(metrics=metrics, predictions=predictions, metric=metric)
+
+
+def choose_metric_for(examples: Sequence[QAExample]) -> str:
+    """The scorer the data calls for: cmrc when most contexts are Chinese, squad_v2 when some question has no
+    answer, squad otherwise."""
+    return choose_metric((ex.context for ex in examples), any(not ex.answers for ex in examples))
 
 
 def _teacher_forced(
@@ -155,15 +166,16 @@ def _answer_in_input(example: QAExample, start: int, end: int) -> bool | None:
     return False
 
 
-def _row(example: QAExample, answer: Answer) -> dict[str, Any]:
+def _row(example: QAExample, answer: Answer, metric: str) -> dict[str, Any]:
     references = list(example.answers)
+    exact, f1_value = pair_scores(metric, answer.text, references)
     return {
         "id": example.id,
         "question": example.question,
         "prediction": answer.text,
         "references": references,
-        "exact_match": exact_match(answer.text, references),
-        "f1": f1(answer.text, references),
+        "exact_match": exact,
+        "f1": f1_value,
         "answer_in_input": _answer_in_input(example, answer.window_char_start, answer.window_char_end),
         "window": answer.window_index,
         "num_windows": answer.num_windows,
@@ -171,35 +183,56 @@ def _row(example: QAExample, answer: Answer) -> dict[str, Any]:
     }
 
 
-def _score_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
-    # Ids may repeat in user data; key by position so every row counts, exactly as in the row order.
-    predictions = {str(k): row["prediction"] for k, row in enumerate(rows)}
-    references = {str(k): row["references"] for k, row in enumerate(rows)}
-    scores = squad_scores(predictions, references)
-    scores.pop("missing", None)
-    return scores
-
-
-def evaluate_predictions(predictions: Mapping[str, str], examples: Sequence[QAExample]) -> EvalResult:
+def evaluate_predictions(
+    predictions: Mapping[str, str],
+    examples: Sequence[QAExample],
+    *,
+    metric: str | None = None,
+    no_answer_probs: Mapping[str, float] | None = None,
+    no_answer_threshold: float = 1.0,
+) -> EvalResult:
     """Score answers produced elsewhere (a predictions file) against the examples' references.
 
+    Every example is scored, in order, duplicates included (squad_v2 keys by id, as its script does). A
+    question without a prediction scores 0 and is counted in "missing"; predictions for ids that are not in
+    the examples are counted in "unmatched_predictions" and logged.
+
     Args:
-        predictions: question id -> predicted answer text. A missing id scores as the empty answer.
+        predictions: question id -> predicted answer text.
+        examples: the reference data, as `data.load_for_evaluation` reads it.
+        metric: the scorer; None chooses one from the examples.
+        no_answer_probs, no_answer_threshold: squad_v2's no-answer probabilities and threshold.
     Returns:
-        EvalResult with exact_match, f1, count, missing (+HasAns/NoAns) and one row per example
-        (answer_in_input and window are None: there is no model input to look at).
+        EvalResult with the scorer's metrics and one row per example (answer_in_input and window are None:
+        there is no model input to look at).
+    Raises:
+        DataError: a predicted question has no no-answer probability.
     """
-    references = {ex.id: list(ex.answers) for ex in examples}
-    metrics = squad_scores(predictions, references)
+    from t5qa.errors import DataError
+
+    metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
+    entries = [(ex.id, predictions.get(ex.id), list(ex.answers)) for ex in examples]
+    try:
+        metrics = score_predictions(metric, entries, no_answer_probs=no_answer_probs,
+                                    no_answer_threshold=no_answer_threshold)
+    except ValueError as exc:
+        raise DataError(f"no-answer probabilities: {exc}; give one for every predicted question") from None
+    known = {ex.id for ex in examples}
+    unmatched = [qid for qid in predictions if qid not in known]
+    metrics["unmatched_predictions"] = len(unmatched)
+    if unmatched:
+        logger.warning("%d predictions have ids that are not in the reference data, e.g. %s; they are not scored",
+                       len(unmatched), ", ".join(repr(q) for q in unmatched[:3]))
+    if metrics["missing"]:
+        logger.warning("%d of %d questions have no prediction; each scores 0", metrics["missing"], len(examples))
     rows = []
-    for ex in examples:
-        text = predictions.get(ex.id, "")
+    for ex, (_, text, references) in zip(examples, entries):
+        exact, f1_value = pair_scores(metric, text, references) if text is not None else (0.0, 0.0)
         rows.append({
-            "id": ex.id, "question": ex.question, "prediction": text, "references": list(ex.answers),
-            "exact_match": exact_match(text, list(ex.answers)), "f1": f1(text, list(ex.answers)),
-            "answer_in_input": None, "window": None,
+            "id": ex.id, "question": ex.question, "prediction": text, "references": references,
+            "exact_match": exact, "f1": f1_value, "answer_in_input": None, "window": None,
         })
-    return EvalResult(metrics=metrics, predictions=rows)
+    return EvalResult(metrics=metrics, predictions=rows, metric=metric)
 
 
 def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:
@@ -209,6 +242,29 @@ def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for row in result.predictions:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_no_answer_probs(path: str | os.PathLike) -> dict[str, float]:
+    """Read no-answer probabilities: one JSON object id -> number (the SQuAD v2.0 script's --na-prob-file).
+
+    Raises:
+        DataError: the file is missing, not JSON, or holds a value that is not a number.
+    """
+    from t5qa.errors import DataError
+
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; check --no-answer-probs") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a UTF-8 JSON object of id -> probability ({exc}); fix the file") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object of id -> probability, got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad:
+        raise DataError(f"{path}: the no-answer probability of id {bad[0]!r} is not a number")
+    return {str(k): float(v) for k, v in obj.items()}
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, str]:

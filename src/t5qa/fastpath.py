@@ -131,20 +131,64 @@ class FastDropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+def _transformers_classes(names: tuple[tuple[str, str], ...]) -> tuple[type, ...]:
+    """The classes named (model folder, class name) in this transformers, skipping any it lacks."""
+    import importlib
+
+    found = []
+    for folder, class_name in names:
+        try:
+            found.append(getattr(importlib.import_module(f"transformers.models.{folder}.modeling_{folder}"),
+                                 class_name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+# Attention modules whose stock attention function is the plain product written below (scores * scaling, plus
+# position bias and an additive mask, softmax in fp32, dropout, product with the values), checked in
+# tests/test_families.py. Any other class (T5Gemma's soft-capped attention, say) keeps its own code.
+VERIFIED_ATTENTION_CLASSES = (("t5", "T5Attention"), ("mt5", "MT5Attention"), ("umt5", "UMT5Attention"),
+                              ("longt5", "LongT5Attention"), ("bart", "BartAttention"))
+
+
+_VERIFIED_ATTENTION: tuple[type, ...] | None = None
+
+# Arguments the attention below does not implement: where one is set, the stock function runs.
+_UNHANDLED_ATTENTION_ARGS = ("softcap", "sliding_window", "s_aux", "sinks")
+
+
+def _runs_fast(module: nn.Module, dropout_p: float, query: torch.Tensor) -> bool:
+    """Whether t5qa's attention runs for this call: in training, with attention dropout, on the CPU."""
+    return module.training and dropout_p > 0.0 and query.device.type == "cpu"
+
+
+def _stock_attention(module: nn.Module, fallback: str) -> Any:
+    """The attention function the model had before: a registered one, or its own module's eager function."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if fallback != "eager":
+        return ALL_ATTENTION_FUNCTIONS[fallback]
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
 def _attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, dropout_p: float = 0.0,
                position_bias: torch.Tensor | None = None, fallback: str = "sdpa", **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention for transformers' AttentionInterface: the eager computation with `dropout` on the weights.
 
-    Outside training it calls the implementation the model had before (`fallback`), so generation is unchanged.
+    Only in training, and only for the verified attention classes; every other call (evaluation, generation,
+    another class, an argument such as `softcap` that this code does not implement) runs the model's own
+    implementation (`fallback`), so outside training the model computes exactly what transformers computes.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     dropout_p = kwargs.pop("dropout", dropout_p)
-    if not (module.training and dropout_p > 0.0 and query.device.type == "cpu") and fallback != "eager":
-        return ALL_ATTENTION_FUNCTIONS[fallback](module, query, key, value, attention_mask, scaling=scaling,
-                                                 dropout=dropout_p, position_bias=position_bias, **kwargs)
+    if (not _runs_fast(module, dropout_p, query) or type(module) not in _VERIFIED_ATTENTION
+            or any(kwargs.get(name) is not None for name in _UNHANDLED_ATTENTION_ARGS)):
+        return _stock_attention(module, fallback)(module, query, key, value, attention_mask, scaling=scaling,
+                                                  dropout=dropout_p, position_bias=position_bias, **kwargs)
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat key/value heads
         repeats = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
@@ -181,6 +225,16 @@ def use_fast_dropout(model: nn.Module) -> int:
 
 
 def _use_fast_attention_dropout(model: nn.Module) -> int:
+    global _VERIFIED_ATTENTION
+    if _VERIFIED_ATTENTION is None:
+        _VERIFIED_ATTENTION = _transformers_classes(VERIFIED_ATTENTION_CLASSES)
+    kinds = {type(m) for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "config")}
+    others = sorted(k.__name__ for k in kinds if k not in _VERIFIED_ATTENTION)
+    if not kinds or others:
+        if others:
+            logger.info("fast attention dropout: not used for %s (verified only for %s); PyTorch's dropout runs",
+                        ", ".join(others), ", ".join(k.__name__ for k in _VERIFIED_ATTENTION))
+        return 0
     config = getattr(model, "config", None)
     current = getattr(config, "_attn_implementation", None)
     if current not in ("sdpa", "eager") or not hasattr(model, "set_attn_implementation"):
@@ -326,7 +380,8 @@ def use_fast_linear(model: nn.Module) -> int:
 # (bench/experiments/LEVERS.md). PyTorch's own F.rms_norm was slower on CPU (its backward pass is composite).
 # Classes known to compute weight * x / sqrt(mean(x^2) + variance_epsilon), in fp32, with `weight` and
 # `variance_epsilon` attributes.
-RMS_NORM_CLASSES = ("T5LayerNorm", "MT5LayerNorm", "UMT5LayerNorm", "LongT5LayerNorm")
+RMS_NORM_CLASSES = (("t5", "T5LayerNorm"), ("mt5", "MT5LayerNorm"), ("umt5", "UMT5LayerNorm"),
+                    ("longt5", "LongT5LayerNorm"))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -364,10 +419,11 @@ def use_fast_norm(model: nn.Module) -> int:
     """Give every T5-family layer norm of `model` the single-function forward and backward above, in place (a
     subclass of its own class, so isinstance checks, parameters and the state dict are unchanged). Used in fp32
     CPU training only; elsewhere the layer runs transformers' code. Returns how many layers changed."""
+    verified = _transformers_classes(RMS_NORM_CLASSES)  # the classes themselves, not their names
     swapped = 0
     for module in model.modules():
         cls = type(module)
-        if cls.__name__ not in RMS_NORM_CLASSES or cls in _fast_norm_classes.values():
+        if cls not in verified:  # exact classes only (a swapped layer's class is not in the set either)
             continue
         if not (isinstance(getattr(module, "weight", None), torch.Tensor) and hasattr(module, "variance_epsilon")):
             continue

@@ -224,7 +224,7 @@ class Predictor:
             One Answer per pair, in input order. A context longer than the model's input is answered window
             by window; the best-scoring non-empty answer wins.
         Raises:
-            DataError: a pair that is not two strings.
+            DataError: a pair that is not two strings, or whose context or question is empty.
             ConfigError: an unknown or invalid generation override.
         """
         started = time.perf_counter()
@@ -276,6 +276,10 @@ class Predictor:
         for index, pair in enumerate(pairs):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
                 raise DataError(f"pair {index}: expected (context, question) as two strings, got {pair!r:.80}")
+            for name, text in (("context", pair[0]), ("question", pair[1])):
+                if not text.strip():
+                    raise DataError(f"pair {index}: empty {name}; every question needs a non-empty context and "
+                                    "question")
         # Lone UTF-16 surrogates (JSON escapes such as "\ud800") cannot be tokenised; U+FFFD keeps every offset.
         pairs = [(_LONE_SURROGATE.sub("\ufffd", c), _LONE_SURROGATE.sub("\ufffd", q)) for c, q in pairs]
         cfg = self.encode

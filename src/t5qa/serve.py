@@ -649,7 +649,11 @@ def _describe_validation_errors(errors: Sequence[dict]) -> tuple[int, str]:
         for part in err.get("loc", ()):
             if part == "body":
                 continue
-            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+            if not isinstance(part, int):
+                # A field name is the user's text: quote it unless it is a plain name, so a newline or a
+                # control character in it cannot break the one-line message.
+                part = str(part) if str(part).isidentifier() else repr(str(part))
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else part)
         message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         if err.get("type") in ("model_attributes_type", "dict_type") and not where:
             message = "the body must be a JSON object like {\"context\": \"...\", \"question\": \"...\"}"
@@ -658,7 +662,14 @@ def _describe_validation_errors(errors: Sequence[dict]) -> tuple[int, str]:
         elif err.get("type") == "extra_forbidden":
             message = "unknown field; allowed: context, question, pairs, " + ", ".join(GENERATE_OPTIONS)
         parts.append(f"{where}: {message}" if where else message)
-    return 422, "; ".join(parts) or "invalid request"
+    return 422, _one_line("; ".join(parts) or "invalid request")
+
+
+def _one_line(text: str) -> str:
+    """`text` with every non-printable character (newline, tab, control) written as its escape."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 @dataclass

@@ -99,7 +99,8 @@ def compute_stats(examples: Sequence[QAExample], tokenizer: Any, encode: EncodeC
 
     Args:
         examples: cleaned examples.
-        tokenizer: a Hugging Face tokenizer (a fast one gives offsets; a slow one skips the truncation check).
+        tokenizer: a Hugging Face tokenizer; a slow one (no offsets of its own) gets them from
+            `encode.token_offsets`.
         encode: prompt template and token limits; None uses the defaults.
     Returns:
         The statistics with recommendations.
@@ -110,7 +111,12 @@ def compute_stats(examples: Sequence[QAExample], tokenizer: Any, encode: EncodeC
     fast = bool(getattr(tokenizer, "is_fast", False))
     ctx = _batched(tokenizer, contexts, add_special_tokens=False, return_offsets_mapping=fast)
     ctx_ids: list[list[int]] = ctx.get("input_ids", [])
-    ctx_offsets: list[list[tuple[int, int]]] | None = ctx.get("offset_mapping") if fast else None
+    if fast:
+        ctx_offsets: list[list[tuple[int, int]]] = ctx.get("offset_mapping", [])
+    else:
+        from t5qa.encode import token_offsets  # slow tokenizers (ByT5, SentencePiece-only): derived offsets
+
+        ctx_offsets = [token_offsets(tokenizer, c) for c in contexts]
 
     befores, afters = zip(*(_split_template(encode.prompt_template, ex.question) for ex in examples)) \
         if examples else ((), ())
@@ -126,7 +132,7 @@ def compute_stats(examples: Sequence[QAExample], tokenizer: Any, encode: EncodeC
         length = piece_lengths[before] + len(ctx_ids[i]) + piece_lengths[after] + n_special
         source_lengths.append(length)
         located = [(s, s + len(a)) for a, s in zip(ex.answers, ex.answer_starts) if s >= 0]
-        if ctx_offsets is None or not located:
+        if not located:
             continue
         checked += 1
         budget = encode.max_source_tokens - n_special - piece_lengths[before]  # context tokens that fit
@@ -159,7 +165,7 @@ def compute_stats(examples: Sequence[QAExample], tokenizer: Any, encode: EncodeC
         unk_token=getattr(tokenizer, "unk_token", None),
         cjk_share=cjk_share,
     )
-    stats.recommendations = recommendations(stats, truncation_checked=ctx_offsets is not None)
+    stats.recommendations = recommendations(stats, truncation_checked=True)
     return stats
 
 

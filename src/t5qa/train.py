@@ -40,6 +40,7 @@ import torch
 
 from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
 from t5qa.data import QAExample, load_dataset, split_examples
+from t5qa.evaluate import choose_metric_for
 from t5qa.encode import EncodeStats, LengthGroupedSampler, encode_for_training, make_collator
 from t5qa.errors import CheckpointError, ConfigError, TrainingError
 from t5qa.fastpath import (clip_in_step, clipping_fits_in_step, keep_freed_memory, use_fast_dropout,
@@ -213,6 +214,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         "model": cfg.model,
         "examples": len(train_examples),
         "validation_examples": len(validation_examples),
+        "metric": (cfg.metric or choose_metric_for(validation_examples[: cfg.max_eval_examples]))
+        if validation_examples else cfg.metric,
         "examples_needing_window": encode_stats.needed_window,
         "answers_outside_every_window": encode_stats.answer_outside_every_window,
         "truncated_targets": encode_stats.truncated_targets,
@@ -547,8 +550,8 @@ def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
     model.eval()
     with torch.no_grad():
         result = evaluate_model(model, run.tokenizer, run.validation_examples, cfg.encode, run.generate,
-                                batch_size=cfg.eval_batch_size, accelerator=accelerator,
-                                max_examples=cfg.max_eval_examples)
+                                batch_size=cfg.eval_batch_size, metric=run.summary.get("metric"),
+                                accelerator=accelerator, max_examples=cfg.max_eval_examples)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     value = metrics.get(cfg.metric_for_best)
     improved = value is not None and math.isfinite(value) and (

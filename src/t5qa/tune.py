@@ -326,7 +326,7 @@ def run_search(
     from optuna.trial import TrialState
 
     if metric not in METRICS:
-        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise ConfigError(f"--metric-for-best must be one of {', '.join(METRICS)}, got {metric!r}")
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if heartbeat_interval_s < 1 or grace_period_s <= heartbeat_interval_s:
@@ -347,7 +347,7 @@ def run_search(
     study = optuna.create_study(storage=rdb, study_name=study_name, direction=direction, load_if_exists=True)
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study '{study_name}' in {url} was created to {study.direction.name.lower()} its "
-                          f"metric; --metric {metric} needs {direction}: use another --study-name")
+                          f"metric; --metric-for-best {metric} needs {direction}: use another --study-name")
     _check_trial_dirs(output, study)
     # A seed per (base seed, study size) keeps a single-worker search reproducible and makes a resumed search
     # draw new points instead of repeating the first ones.
@@ -383,7 +383,7 @@ def run_search(
             value = metrics.get(metric)
             if value is None or not math.isfinite(float(value)):
                 raise ConfigError(f"trial {trial.number}: the evaluation at step {step} gave no finite "
-                                  f"'{metric}' (got keys {', '.join(sorted(metrics))}); check --metric")
+                                  f"'{metric}' (got keys {', '.join(sorted(metrics))}); check --metric-for-best")
             # The evaluation index, not the optimizer step, is the pruning step: trials with different batch
             # sizes reach different step counts, but their k-th evaluations are comparable points in training.
             trial.report(float(value), evaluations)

@@ -8,7 +8,7 @@ from typing import Any
 from t5qa.cli.common import add_data_column_flags, add_config_flags, config_overrides, print_json, print_table
 from t5qa.config import DataConfig, GenerateConfig, from_dict
 from t5qa.errors import ConfigError
-
+from t5qa.metrics import SCORERS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="exact match, F1, loss and token accuracy of a model on a data file (or score a predictions file)",
-        description="With --model: generate answers and compute loss, token accuracy, exact match and F1 "
-                    "(identical to the official SQuAD scorer). With --predictions: score answers written "
-                    "elsewhere (JSON lines with id + prediction/answer, or a JSON object id -> answer).",
+        description="With --model: generate answers and compute loss, token accuracy, exact match and F1. "
+                    "With --predictions: score answers written elsewhere (JSON lines with id + "
+                    "prediction/answer, or a JSON object id -> answer). EM/F1 equal the official scorer named "
+                    "by --metric; every question in --data is scored, duplicates included.",
     )
     p.add_argument("--data", required=True, help="labelled data file (any format `t5qa data` reads)")
     p.add_argument("--model", help="model directory to evaluate")
@@ -26,6 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="write per-example predictions and scores here (JSON lines)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--max-examples", type=int, metavar="N", help="evaluate only the first N examples")
+    p.add_argument("--metric", choices=SCORERS,
+                   help="official scorer: squad (SQuAD v1.1), squad_v2 (SQuAD v2.0), cmrc (CMRC 2018 / DRCD); "
+                        "default: cmrc when most contexts are Chinese, squad_v2 when some question has no "
+                        "answer, squad otherwise")
+    p.add_argument("--no-answer-probs", metavar="FILE",
+                   help="squad_v2: JSON object id -> probability of no answer (the v2.0 script's --na-prob-file); "
+                        "adds the best thresholds")
+    p.add_argument("--no-answer-threshold", type=float, default=1.0, metavar="P",
+                   help="squad_v2: a prediction whose no-answer probability exceeds P counts as no answer "
+                        "(default: 1.0, as the v2.0 script)")
     p.add_argument("--stride", type=int, metavar="N",
                    help="overlap in tokens between windows of a long context (default: the model's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
@@ -37,25 +48,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the metrics, optionally write the per-example rows."""
-    from t5qa.data import load_dataset
-    from t5qa.evaluate import evaluate_model, evaluate_predictions, read_predictions, write_predictions
+    from t5qa.data import load_for_evaluation
+    from t5qa.evaluate import (evaluate_model, evaluate_predictions, read_no_answer_probs, read_predictions,
+                               write_predictions)
 
     if (args.model is None) == (args.predictions is None):
         raise ConfigError("give exactly one of --model (evaluate a model) or --predictions (score a file)")
     if args.max_examples is not None and args.max_examples < 1:
         raise ConfigError(f"--max-examples must be at least 1, got {args.max_examples}")
+    if args.no_answer_probs is not None and (args.predictions is None or args.metric not in (None, "squad_v2")):
+        raise ConfigError("--no-answer-probs goes with --predictions and the squad_v2 metric")
     generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
-    examples, _ = load_dataset(args.data, from_dict(DataConfig, config_overrides(args, DataConfig), source="flags"))
+    examples = load_for_evaluation(args.data, from_dict(DataConfig, config_overrides(args, DataConfig),
+                                                        source="flags"), need_inputs=args.model is not None)
     if args.max_examples:
         examples = examples[: args.max_examples]
     if args.predictions is not None:
-        result = evaluate_predictions(read_predictions(args.predictions), examples)
+        probs = read_no_answer_probs(args.no_answer_probs) if args.no_answer_probs else None
+        result = evaluate_predictions(read_predictions(args.predictions), examples,
+                                      metric="squad_v2" if probs is not None else args.metric,
+                                      no_answer_probs=probs, no_answer_threshold=args.no_answer_threshold)
     else:
         model, tokenizer, encode, generate = _load(args, generate)
-        result = evaluate_model(model, tokenizer, examples, encode, generate, batch_size=generate.batch_size)
+        result = evaluate_model(model, tokenizer, examples, encode, generate, batch_size=generate.batch_size,
+                                metric=args.metric)
     if args.output:
         write_predictions(result, args.output)
-    _print_metrics(result.metrics, as_json=args.json)
+    _print_metrics({"metric": result.metric, **result.metrics}, as_json=args.json)
     if args.output and not args.json:
         print(f"per-example predictions: {args.output}")
     return 0

@@ -129,13 +129,14 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def _read_examples(args: argparse.Namespace) -> list[Any]:
-    from t5qa.data import load_examples
+    from t5qa.data import load_examples, require_inputs
 
     config = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
-    # No cleaning: every input row gets an answer, in input order.
-    examples = load_examples(args.data, config)
+    # No cleaning: every input row gets an answer, in input order. Answers are not needed to answer.
+    examples = load_examples(args.data, config, require_answers=False)
     if not examples:
         raise DataError(f"{args.data}: no questions found; check the file and --format")
+    require_inputs(examples)
     return examples
 
 

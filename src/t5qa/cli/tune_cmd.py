@@ -7,7 +7,8 @@ import argparse
 from t5qa.cli.common import add_config_flags, config_overrides, print_table
 from t5qa.config import METRICS, TrainConfig
 
-# Set by the search itself: the search directory replaces --output, and --metric replaces --metric-for-best.
+# Set by the search itself: the search directory replaces --output, and the objective is tune's own
+# --metric-for-best (the same name and choices as in train). --metric (the scorer) is a training flag.
 _EXCLUDED = ("output", "resume", "metric_for_best")
 
 
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML with the base training config and a `search:` section (the space)")
     p.add_argument("--storage", help="database URL of the study (default sqlite:///OUTPUT/study.db); "
                                      "e.g. postgresql://user:pass@host/db to search from several machines")
-    p.add_argument("--metric", default="f1", choices=METRICS,
+    p.add_argument("--metric-for-best", dest="objective", default="f1", choices=METRICS,
                    help="validation metric to optimise (loss is minimised, the others maximised)")
     p.add_argument("--study-name", default="t5qa", help="name of the study in the storage")
     add_config_flags(p, TrainConfig, exclude=_EXCLUDED, group_title="base training config")
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     require("optuna", "tune", "Hyperparameter search").logging.set_verbosity(logging.getLogger().getEffectiveLevel())
     base, space = load_search_config(args.config, **config_overrides(args, TrainConfig))
     result = run_search(base, trials=args.trials, output=args.output, storage=args.storage, space=space,
-                        metric=args.metric, study_name=args.study_name)
+                        metric=args.objective, study_name=args.study_name)
     if result.rows:
         header = list(result.rows[0])
         print_table([[_cell(row[k]) for k in header] for row in result.rows], header=header)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
           f"(study '{result.study_name}' in {result.storage})")
     if result.best_trial is not None:
         params = ", ".join(f"{k}={_cell(v)}" for k, v in result.best_params.items())
-        print(f"best: trial {result.best_trial}, {args.metric} {result.best_value:.4f} ({params}); "
+        print(f"best: trial {result.best_trial}, {args.objective} {result.best_value:.4f} ({params}); "
               f"run {result.best_run_dir}")
         print(f"best config: {result.best_config_path} (train with: t5qa train --config {result.best_config_path})")
     else:
