@@ -69,8 +69,18 @@ def export_ct2(
         converter = converters.TransformersConverter(str(source), trust_remote_code=trust_remote_code)
         try:
             converter.convert(str(tmp), quantization=quantization, force=True)
-        except (ValueError, NotImplementedError, KeyError, OSError) as exc:
-            raise ModelError(f"{source}: CTranslate2 cannot convert this model ({exc})") from None
+        except (ValueError, NotImplementedError, KeyError, OSError, AttributeError, TypeError) as exc:
+            # AttributeError/TypeError: CTranslate2's converter reading a config field this transformers
+            # version renamed (BART with transformers 5: `normalize_before`).
+            raise ModelError(f"{source}: CTranslate2 cannot convert this model ({type(exc).__name__}: {exc}); "
+                             "answer with the torch backend instead") from None
+        try:  # some architectures convert but do not load (T5Gemma with CTranslate2 4.x): refuse them here
+            import ctranslate2
+
+            ctranslate2.Translator(str(tmp), device="cpu")
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"{source}: CTranslate2 cannot convert this model (the converted model does not load: "
+                             f"{exc}); answer with the torch backend instead") from None
         tokenizer.save_pretrained(tmp)
         meta = {**meta, "ct2": {"quantization": quantization, "source": str(source)}}
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
