@@ -168,3 +168,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_same_training_step(plain, fast, batch, grad_atol: float = 1e-5, grad_rtol: float = 0.0) -> None:
+    """One training forward and backward pass of each model: the same loss and the same gradients."""
+    import torch
+
+    plain.train()
+    fast.train()
+    loss_plain, loss_fast = plain(**batch).loss, fast(**batch).loss
+    loss_plain.backward()
+    loss_fast.backward()
+    assert torch.allclose(loss_plain, loss_fast, atol=1e-5)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=grad_atol, rtol=grad_rtol), name

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import synthetic_copy_examples
+from conftest import assert_same_training_step, synthetic_copy_examples
 from families import CT2_FAMILIES, FAMILIES, build, byte_tokenizer
 from t5qa import fastpath
 from t5qa.cli import main
@@ -63,15 +63,7 @@ def test_fast_paths_keep_eval_logits_identical_and_the_training_function(family,
         for name in ("dropout", "attention_dropout"):
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
-    plain.train()
-    fast.train()
-    loss_plain, loss_fast = plain(**batch).loss, fast(**batch).loss
-    loss_plain.backward()
-    loss_fast.backward()
-    assert torch.allclose(loss_plain, loss_fast, atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
-        if p.grad is not None:
-            assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    assert_same_training_step(plain, fast, batch, grad_atol=1e-5, grad_rtol=1e-4)
 
 
 def test_t5gemma_keeps_its_soft_capped_attention(tiny_tokenizer):

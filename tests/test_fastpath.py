@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import assert_same_training_step
 from t5qa import fastpath
 from t5qa.fastpath import (FastDropout, FastLinear, _as_float, clip_in_step, clipping_fits_in_step, dropout,
                            keep_freed_memory, keep_mask, kept_scale, onednn_linear_available, use_fast_dropout,
@@ -101,19 +102,6 @@ def _batch() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(2, 64, (3, 5), generator=g)}
 
 
-def _assert_same_training_step(plain: nn.Module, fast: nn.Module, batch: dict[str, torch.Tensor],
-                               grad_atol: float) -> None:
-    """One training forward and backward pass of each model: the same loss and the same gradients."""
-    plain.train()
-    fast.train()
-    loss_plain, loss_fast = plain(**batch).loss, fast(**batch).loss
-    loss_plain.backward()
-    loss_fast.backward()
-    assert torch.allclose(loss_plain, loss_fast, atol=1e-5)
-    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=grad_atol), name
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_swapped_model_computes_the_same_function(attn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     plain, fast = _t5(0.1, attn), _t5(0.1, attn)
@@ -135,7 +123,7 @@ def test_swapped_model_computes_the_same_function(attn: str, monkeypatch: pytest
             module.p = 0.0
         if hasattr(module, "dropout") and isinstance(module.dropout, float):
             module.dropout = 0.0
-    _assert_same_training_step(plain, fast, batch, grad_atol=1e-5)
+    assert_same_training_step(plain, fast, batch, grad_atol=1e-5)
 
 
 @needs_onednn
@@ -179,7 +167,7 @@ def test_fast_linear_model_keeps_tied_weights_and_trains_the_same() -> None:
     assert fast.lm_head.weight is fast.shared.weight  # tied in place, nothing copied
     assert list(fast.state_dict()) == list(plain.state_dict())
     batch = _batch()
-    _assert_same_training_step(plain, fast, batch, grad_atol=1e-4)
+    assert_same_training_step(plain, fast, batch, grad_atol=1e-4)
 
 
 def test_fast_linear_changes_nothing_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,7 +337,7 @@ def test_fast_norm_model_trains_the_same() -> None:
     fast.load_state_dict(plain.state_dict())
     assert use_fast_norm(fast) == sum(type(m).__name__ == "T5LayerNorm" for m in plain.modules()) > 0
     assert list(fast.state_dict()) == list(plain.state_dict())
-    _assert_same_training_step(plain, fast, _batch(), grad_atol=1e-4)
+    assert_same_training_step(plain, fast, _batch(), grad_atol=1e-4)
 
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active, and a norm below the limit
