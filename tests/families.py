@@ -26,7 +26,7 @@ def t5_v10(tokenizer: Any) -> Any:
 
 
 def t5_v11(tokenizer: Any) -> Any:
-    """T5 v1.1 / Flan-T5: gated GELU, untied output layer."""
+    """T5 v1.1 / Flan-T5: gated GELU, untied output layer (transformers 5: unscaled decoder outputs)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     return T5ForConditionalGeneration(T5Config(vocab_size=len(tokenizer), feed_forward_proj="gated-gelu",

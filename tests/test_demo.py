@@ -14,7 +14,7 @@ def test_demo_quick_mode_prints_scores_report_and_answer(tmp_path: Path, capsys:
     code = main(["demo", "--offline", "--output", str(tmp_path / "demo"), "--max-steps", "4", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
-    scores = re.search(r"held-out test: exact match (\d+\.\d), F1 (\d+\.\d) \((\d+) questions\)", out)
+    scores = re.search(r"held-out test \(squad\): exact match (\d+\.\d), F1 (\d+\.\d) \((\d+) questions\)", out)
     assert scores, out
     assert 0.0 <= float(scores.group(1)) <= float(scores.group(2)) <= 100.0 and int(scores.group(3)) > 0
     report = Path(re.search(r"^report: (.+)$", out, re.M).group(1))
@@ -28,3 +28,21 @@ def test_demo_quick_mode_prints_scores_report_and_answer(tmp_path: Path, capsys:
     test_rows = (tmp_path / "demo" / "data" / "test.jsonl").read_text().splitlines()
     import json
     assert test_rows and all(json.loads(r)["context"] not in train for r in test_rows)
+
+
+def test_chinese_demo_asks_the_tutorials_question_with_a_byte_model(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    code = main(["demo", "--lang", "zh", "--offline", "--output", str(tmp_path / "demo"), "--max-steps", "2",
+                 "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"held-out test \(cmrc\): exact match \d+\.\d, F1 \d+\.\d \(\d+ questions\)", out), out
+    assert "question: 异常检测的示例是什么？" in out
+    assert re.search(r"^answer: '.*' \(reference: '信用卡欺诈交易'\)$", out, re.M), out
+    assert "mt5-small" in out  # what to run where the Hub is reachable
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = tmp_path / "demo" / "scratch-model"
+    assert type(AutoTokenizer.from_pretrained(model_dir)).__name__ == "ByT5Tokenizer"
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.feed_forward_proj == "gated-gelu" and config.vocab_size == 384

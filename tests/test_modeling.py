@@ -127,3 +127,31 @@ def test_hub_reachable_honours_offline_mode(monkeypatch):
         assert modeling.hub_reachable() is False
     finally:
         modeling.hub_reachable.cache_clear()
+
+
+def test_init_model_on_chinese_data_has_no_unk_and_falls_back_to_bytes(tmp_path):
+    from transformers import AutoTokenizer
+
+    from t5qa.data import load_examples, sample_data_path
+
+    out = init_model("tiny", str(sample_data_path("zh")), tmp_path / "zh", vocab_size=2000)
+    tokenizer = AutoTokenizer.from_pretrained(out)  # as saved: byte fallback survives the reload
+    assert len(tokenizer) <= 2000
+    texts = [t for ex in load_examples(sample_data_path("zh")) for t in (ex.context, ex.question, *ex.answers)]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in {i for row in ids for i in row}  # every character of the data covered
+    assert "？" in tokenizer.tokenize("什么？")  # full-width punctuation kept as itself, not NFKC-folded
+    unseen = "龘靐 ok"  # characters the data never shows
+    pieces = tokenizer.tokenize(unseen)
+    assert "<0xE9>" in pieces and tokenizer.unk_token not in pieces
+    assert tokenizer.decode(tokenizer(unseen)["input_ids"], skip_special_tokens=True) == unseen
+
+
+def test_init_model_with_the_byte_tokenizer(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = init_model("byte-mini", "bytes", tmp_path / "bytes")
+    assert type(AutoTokenizer.from_pretrained(out)).__name__ == "ByT5Tokenizer"
+    config = AutoConfig.from_pretrained(out)
+    # T5 v1.1's untied head: transformers 5 records it as unscaled decoder outputs
+    assert config.vocab_size == 384 and not config.scale_decoder_outputs and config.num_decoder_layers == 1

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 META_FILE = "t5qa.json"
 
 # Architectures for `t5qa init-model --config NAME`. t5-small / t5-base are the public T5 v1.0 shapes;
-# tiny and mini are for tests and offline demos (trained from scratch in seconds to minutes on a CPU).
+# tiny, mini and byte-mini are for tests and offline demos (trained from scratch in seconds to minutes on a CPU).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
                  dropout_rate=0.0, feed_forward_proj="relu", relative_attention_num_buckets=16,
@@ -30,6 +30,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mini": dict(d_model=128, d_ff=512, d_kv=32, num_heads=4, num_layers=3, num_decoder_layers=3,
                  dropout_rate=0.0, feed_forward_proj="relu", relative_attention_num_buckets=32,
                  relative_attention_max_distance=128),
+    # ByT5's shape in miniature, for bytes: gated GELU, T5 v1.1's untied-head setting, a deeper encoder than decoder
+    # (ByT5 puts three encoder layers per decoder layer: its inputs are long, its answers short).
+    "byte-mini": dict(d_model=128, d_ff=256, d_kv=32, num_heads=4, num_layers=3, num_decoder_layers=1,
+                      dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                      relative_attention_num_buckets=32, relative_attention_max_distance=128),
     "t5-small": dict(d_model=512, d_ff=2048, d_kv=64, num_heads=8, num_layers=6, num_decoder_layers=6,
                      dropout_rate=0.1, feed_forward_proj="relu", relative_attention_num_buckets=32,
                      relative_attention_max_distance=128),
@@ -218,19 +223,36 @@ def ensure_generation_ids(model: Any, tokenizer: Any) -> None:
             holder.decoder_start_token_id = tokenizer.pad_token_id
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+BYTE_FALLBACK_MIN_VOCAB = 512
+"""The smallest vocabulary that gets byte fallback: 256 of its pieces are the bytes."""
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, *, byte_fallback: bool = False) -> Any:
     """Train a SentencePiece-style Unigram tokenizer (T5 layout: <pad>=0, </s>=1, <unk>=2) on texts.
 
     Built with the `tokenizers` library's Unigram trainer and Metaspace pre-tokenizer, which is the
-    SentencePiece algorithm; the result is a transformers T5Tokenizer.
+    SentencePiece algorithm. Every character of `texts` gets a piece (full character coverage: the texts are not
+    normalised, so full-width punctuation such as "，" and "？" stays itself). With `byte_fallback`, 256 byte
+    pieces (<0x00>..<0xFF>, counted in `vocab_size`, which must then be at least 512) are added and a character
+    outside the vocabulary is written as its UTF-8 bytes instead of <unk>, as SentencePiece's byte_fallback does:
+    a from-scratch Chinese model never sees <unk>.
+
+    Returns:
+        A transformers T5Tokenizer; with byte_fallback a tokenizers-backed tokenizer with the same layout,
+        saved and reloaded as is (T5Tokenizer rebuilds its model without byte fallback).
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import T5Tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, T5Tokenizer
 
     if not texts:
         raise DataError("cannot train a tokenizer on no text; the data file has no examples")
+    if byte_fallback and vocab_size < BYTE_FALLBACK_MIN_VOCAB:
+        logger.info("vocabulary of %d pieces: too small to hold the 256 byte pieces, so no byte fallback "
+                    "(use --vocab-size %d or more for it)", vocab_size, BYTE_FALLBACK_MIN_VOCAB)
+        byte_fallback = False
+    if byte_fallback:
+        vocab_size -= 256  # the byte pieces count in the vocabulary size
     trainer_tok = Tokenizer(models.Unigram())
-    trainer_tok.normalizer = normalizers.NFKC()
     trainer_tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(),
          pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)]
@@ -241,14 +263,25 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     )
     trainer_tok.train_from_iterator(texts, trainer)
     vocab = [tuple(piece) for piece in json.loads(trainer_tok.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    if not byte_fallback:
+        return tokenizer
+    known = {piece for piece, _ in vocab}
+    # Byte pieces score below every learned piece, so they are used only where nothing else fits.
+    lowest = min(score for _, score in vocab)
+    vocab += [(f"<0x{b:02X}>", lowest - 10.0) for b in range(256) if f"<0x{b:02X}>" not in known]
+    backend = tokenizer.backend_tokenizer
+    backend.model = models.Unigram(vocab, unk_id=2, byte_fallback=True)
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(),
+                                         decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def _texts_for_tokenizer(data_file: str) -> list[str]:
     from t5qa.data import load_examples
     from t5qa.config import DataConfig
 
-    examples = load_examples(data_file, DataConfig())
+    examples = load_examples(data_file, DataConfig(), require_answers=False)
     texts: list[str] = []
     seen_contexts: set[str] = set()
     for ex in examples:
@@ -260,6 +293,10 @@ def _texts_for_tokenizer(data_file: str) -> list[str]:
     # The prompt words must be in the vocabulary too.
     texts.append("question: context:")
     return texts
+
+
+BYTE_TOKENIZER = "bytes"
+"""`init-model --tokenizer bytes`: ByT5's byte-level tokenizer."""
 
 
 def init_model(
@@ -274,7 +311,8 @@ def init_model(
 
     Args:
         config: a preset name (see PRESETS) or a directory/file with a transformers config.json.
-        tokenizer_source: a tokenizer directory, or a data file to train a SentencePiece tokenizer on.
+        tokenizer_source: a tokenizer directory, a data file to train a SentencePiece tokenizer on (every
+            character covered, byte fallback for the rest), or "bytes" for ByT5's byte tokenizer.
         output: directory to write (HF layout).
         vocab_size: vocabulary size when training a tokenizer.
         seed: seed of the weight initialisation.
@@ -286,10 +324,14 @@ def init_model(
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, T5Config
 
-    if os.path.isdir(tokenizer_source) or not os.path.exists(tokenizer_source):
+    if tokenizer_source == BYTE_TOKENIZER:
+        from transformers import ByT5Tokenizer
+
+        tokenizer = ByT5Tokenizer()  # no vocabulary to learn: UTF-8 bytes cover every language
+    elif os.path.isdir(tokenizer_source) or not os.path.exists(tokenizer_source):
         tokenizer = load_tokenizer(tokenizer_source)
     else:
-        tokenizer = train_tokenizer(_texts_for_tokenizer(tokenizer_source), vocab_size)
+        tokenizer = train_tokenizer(_texts_for_tokenizer(tokenizer_source), vocab_size, byte_fallback=True)
 
     if config in PRESETS:
         model_config = T5Config(vocab_size=len(tokenizer), **PRESETS[config])

@@ -17,6 +17,9 @@ def register(sub: Any) -> None:
                     "reachable, otherwise a small model trained from scratch.",
     )
     parser.add_argument("--output", default="runs/demo", help="demo directory (default: runs/demo)")
+    parser.add_argument("--lang", choices=("en", "zh"), default="en",
+                        help="en: the data-science sample, t5-small (default); zh: its Chinese counterpart, "
+                             "mt5-small, asking 异常检测的示例是什么？ (offline: a ByT5-shaped model from scratch)")
     parser.add_argument("--offline", action="store_true",
                         help="do not try the Hub: train a small model from scratch")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -32,12 +35,13 @@ def run(args: argparse.Namespace) -> int:
 
     max_steps = args.max_steps or (int(os.environ["T5QA_DEMO_MAX_STEPS"])
                                    if os.environ.get("T5QA_DEMO_MAX_STEPS") else None)
-    result = run_demo(args.output, offline=args.offline, max_steps=max_steps, progress=args.progress)
+    result = run_demo(args.output, lang=args.lang, offline=args.offline, max_steps=max_steps,
+                      progress=args.progress)
     metrics = result.test_metrics
-    print(f"model: {'t5-small (pretrained, fine-tuned)' if result.pretrained else 'tiny model trained from scratch'}"
-          f" -> {result.model_dir}")
-    print(f"held-out test: exact match {metrics.get('exact_match', 0.0):.1f}, F1 {metrics.get('f1', 0.0):.1f} "
-          f"({int(metrics.get('count', 0))} questions)")
+    kind = f"{result.model_name} (pretrained, fine-tuned)" if result.pretrained else "small model trained from scratch"
+    print(f"model: {kind} -> {result.model_dir}")
+    print(f"held-out test ({result.metric}): exact match {metrics.get('exact_match', 0.0):.1f}, "
+          f"F1 {metrics.get('f1', 0.0):.1f} ({int(metrics.get('count', 0))} questions)")
     print(f"report: {result.report}")
     print(f"question: {result.question}")
     print(f"answer: {result.answer!r} (reference: {result.reference!r})")
@@ -45,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print("this question's context is in the training split, so the answer shows what the model learned "
               "from it, not how it handles unseen text (that is the held-out score above)")
     if not result.pretrained:
-        print(f"note: {FROM_SCRATCH_NOTE}")
+        pretrained = "mt5-small" if args.lang == "zh" else "t5-small"
+        print(f"note: {FROM_SCRATCH_NOTE.format(pretrained=pretrained)}")
     print(f"demo took {result.seconds:.0f} s")
     return 0

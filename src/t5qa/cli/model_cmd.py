@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help=f"preset ({', '.join(PRESETS)}) or a directory with config.json")
     p.add_argument("--tokenizer", required=True,
-                   help="tokenizer directory, or a data file to train a SentencePiece tokenizer on")
+                   help="tokenizer directory; a data file to train a SentencePiece tokenizer on (every character "
+                        "covered, byte fallback for the rest: no <unk> in Chinese); or 'bytes' for ByT5's byte "
+                        "tokenizer")
     p.add_argument("--output", required=True, help="directory to write the model to")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training a tokenizer")
     p.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation")
