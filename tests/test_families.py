@@ -138,3 +138,18 @@ def test_family_trains_evaluates_predicts_serves_and_exports(family, tiny_tokeni
     else:
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and "CTranslate2 cannot convert" in err[0], err
+
+
+def test_a_model_that_is_not_seq2seq_is_refused_in_one_line(tiny_tokenizer, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tiny_tokenizer),
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    data, _ = _train_data("t5-v1.0", tmp_path)
+    for argv in (["train", "--model", str(model_dir), "--train", str(data), "--output", str(tmp_path / "run")],
+                 ["predict", "--model", str(model_dir), "--context", "the code is kilo .", "--question", "code?"]):
+        assert main(argv) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "not a sequence-to-sequence model" in err[0], err

@@ -128,3 +128,16 @@ def test_covid_qa_answers_lie_past_512_tokens_as_whole_prompt_truncation_shows()
         lost += answer_end > last_char
     assert lost > 50
     assert stats.answers_lost_to_truncation == lost
+
+
+def test_byte_tokenizer_statistics_check_truncation_without_fast_offsets() -> None:
+    from transformers import ByT5Tokenizer
+
+    context = "异常检测用于发现罕见的事件。" * 30 + "例如信用卡欺诈检测。"  # 1,272 bytes
+    early, late = "异常检测", "信用卡欺诈检测"
+    examples = [QAExample("a", context, "是什么？", (early,), (0,)),
+                QAExample("b", context, "示例是什么？", (late,), (context.index(late),))]
+    stats = compute_stats(examples, ByT5Tokenizer(), EncodeConfig(max_source_tokens=256, stride_tokens=64))
+    # Every byte is one token: the late answer lies past 256 bytes of input, the early one inside it.
+    assert stats.answers_checked == 2 and stats.answers_lost_to_truncation == 1
+    assert stats.unk_rate == 0.0 and stats.cjk_share > 0.9
