@@ -62,15 +62,16 @@ WRAPPER = textwrap.dedent('''
 
 
     import torch
+    import t5qa.checkpoint as checkpoint
     import t5qa.train as train
 
     # Record every checkpoint the trainer loads, and whether it was intact at that moment.
-    _load_checkpoint = train._load_checkpoint
-    def load_checkpoint(run, path):
+    _load_checkpoint = train.load_checkpoint
+    def load_checkpoint(accelerator, path, **kwargs):
         with LOADED.open("a") as f:
-            f.write(json.dumps({"path": str(path), "problem": train.verify_checkpoint(Path(path))}) + "\\n")
-        return _load_checkpoint(run, path)
-    train._load_checkpoint = load_checkpoint
+            f.write(json.dumps({"path": str(path), "problem": checkpoint.verify_checkpoint(Path(path))}) + "\\n")
+        return _load_checkpoint(accelerator, path, **kwargs)
+    train.load_checkpoint = load_checkpoint
 
     if name == "mid_step":  # after the forward pass of the at-th micro-batch of this process, before backward
         import accelerate
@@ -99,7 +100,7 @@ WRAPPER = textwrap.dedent('''
         _save = torch.save
         def save(obj, f, *args, **kwargs):
             path = Path(f) if isinstance(f, (str, os.PathLike)) else None
-            if path is not None and path.name == train.SCHEDULER_FILE and path.parent.name == f".tmp-step-{at}":
+            if path is not None and path.name == checkpoint.SCHEDULER_FILE and path.parent.name == f".tmp-step-{at}":
                 _save(obj, f, *args, **kwargs)
                 data = path.read_bytes()
                 path.write_bytes(data[: len(data) // 2])
@@ -120,7 +121,7 @@ WRAPPER = textwrap.dedent('''
         _rmtree = shutil.rmtree
         def rmtree(path, *args, **kwargs):
             path = Path(path)
-            done = (path.parent / f"step-{at}" / train.CHECKPOINT_MARKER).is_file()
+            done = (path.parent / f"step-{at}" / checkpoint.CHECKPOINT_MARKER).is_file()
             if done and path.name.startswith("step-") and path.name != f"step-{at}":
                 (path / "model.safetensors").unlink()
                 freeze(f"pruning {path}")
@@ -284,7 +285,7 @@ def test_killed_at_every_dangerous_point_then_resumed_equals_uninterrupted(
         ("before_rename:9", True, 6),    # checkpoint 9 complete in its temp dir, never renamed
         ("during_prune:9", True, 9),     # checkpoint 9 in place; old step-3 half deleted by the pruning
     ]
-    from t5qa.train import verify_checkpoint
+    from t5qa.checkpoint import verify_checkpoint
 
     for i, (hook, resume, newest_good) in enumerate(chain):
         where = run_and_kill_at(workspace, output, hook, resume=resume)
@@ -348,7 +349,7 @@ def test_sigterm_mid_step_saves_a_checkpoint_and_resume_equals_uninterrupted(
     assert code == 130, f"expected exit 130 after SIGTERM, got {code}:\n{err[-3000:]}"
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--resume" in errors[0] and "Traceback" not in err, err[-3000:]
-    from t5qa.train import verify_checkpoint
+    from t5qa.checkpoint import verify_checkpoint
 
     # The step in progress is finished and saved: no work is lost, not even the partial step.
     assert verify_checkpoint(output / "checkpoints" / "step-5") is None
@@ -381,19 +382,19 @@ def _flip_optimizer_byte(path: Path) -> None:
 
 
 def _delete_marker(path: Path) -> None:
-    from t5qa.train import CHECKPOINT_MARKER
+    from t5qa.checkpoint import CHECKPOINT_MARKER
 
     (path / CHECKPOINT_MARKER).unlink()
 
 
 def _garbage_marker(path: Path) -> None:
-    from t5qa.train import CHECKPOINT_MARKER
+    from t5qa.checkpoint import CHECKPOINT_MARKER
 
     (path / CHECKPOINT_MARKER).write_text('{"step": 9, "sha256": ')
 
 
 def _delete_state(path: Path) -> None:
-    from t5qa.train import TRAINER_STATE_FILE
+    from t5qa.checkpoint import TRAINER_STATE_FILE
 
     (path / TRAINER_STATE_FILE).unlink()
 
@@ -406,7 +407,7 @@ DAMAGE = {"truncated_weights": _truncate, "flipped_weight_bytes": _flip_bytes,
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_checkpoint_is_detected_and_skipped(tmp_path: Path, baseline: dict[str, Any], damage: str,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    from t5qa.train import _latest_good_checkpoint, verify_checkpoint
+    from t5qa.checkpoint import latest_good_checkpoint, verify_checkpoint
 
     output = tmp_path / "run"
     shutil.copytree(baseline["output"], output)
@@ -416,7 +417,7 @@ def test_damaged_checkpoint_is_detected_and_skipped(tmp_path: Path, baseline: di
     problem = verify_checkpoint(newest)
     assert problem, f"{damage} went unnoticed"
     with caplog.at_level("WARNING", logger="t5qa.train"):
-        chosen = _latest_good_checkpoint(output)
+        chosen = latest_good_checkpoint(output)
     assert chosen.name == "step-6"
     assert any("step-9" in r.getMessage() and problem in r.getMessage() for r in caplog.records), \
         "the skipped checkpoint and why were not reported"
@@ -467,7 +468,7 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoi
     import torch
     import transformers.modeling_utils
 
-    from t5qa import train
+    from t5qa import checkpoint, train
     from t5qa.errors import CheckpointError, TrainingError
 
     output = tmp_path / "full"
@@ -501,9 +502,9 @@ def test_disk_full_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoi
     message = str(info.value)
     assert "\n" not in message
     assert "disk" in message.lower() and ("full" in message.lower() or "space" in message.lower()), message
-    assert train.verify_checkpoint(good) is None
+    assert checkpoint.verify_checkpoint(good) is None
     # The intact previous checkpoint is what a resume would load.
-    assert train._latest_good_checkpoint(output) == good
+    assert checkpoint.latest_good_checkpoint(output) == good
     # Half-written temporary directories are removed: on a full disk, their space is what the user needs back.
     leftovers = [p.name for p in (output / "checkpoints").iterdir() if p.name.startswith(".")]
     leftovers += [p.name for p in output.iterdir() if p.name.startswith(".last")]

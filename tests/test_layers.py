@@ -11,9 +11,13 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "t5qa"
 
 # Lower rank = earlier stage. The cli package is on top and may import everything.
 RANKS = {
-    "errors": 0, "config": 1, "data": 2, "encode": 3, "stats": 4, "metrics": 5, "fastpath": 5.5, "modeling": 6, "lora": 6.5,
-    "predict": 7, "evaluate": 8, "report": 9, "train": 10, "export": 11, "serve": 12, "tune": 13, "demo": 14,
-    "cli": 15,
+    "errors": 0, "config": 1, "rundir": 2, "data": 3, "encode": 4, "stats": 5, "metrics": 6, "fastpath": 7,
+    "modeling": 8, "lora": 9, "predict": 10, "evaluate": 11, "report": 12, "checkpoint": 13, "train": 14,
+    "export": 15, "serve": 16, "tune": 17, "demo": 18, "cli": 19,
+}
+# Inside a package, the same rule between its rooms (a package's __init__ only gathers their names).
+SUBRANKS = {
+    "data": {"records": 0, "readers": 1, "clean": 2, "split": 2},
 }
 EXEMPT = {"__init__", "__main__", "sample_data", "static"}
 
@@ -23,16 +27,25 @@ def _module_name(path: Path) -> str:
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 
 
-def _imported_t5qa_modules(path: Path) -> set[str]:
+def _imported_t5qa_modules(path: Path, depth: int = 1) -> set[str]:
+    """The t5qa modules `path` imports, named to `depth` parts ("train"; with depth 2, "data.readers")."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = set()
+
+    def name(dotted: str) -> str:
+        return ".".join(dotted.split(".")[1:1 + depth])
+
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("t5qa."):
-            found.add(node.module.split(".")[1])
+            parts = node.module.split(".")
+            if len(parts) - 1 < depth:  # from t5qa.data import records
+                found.update(f"{parts[1]}.{alias.name}" for alias in node.names)
+            else:
+                found.add(name(node.module))
         elif isinstance(node, ast.ImportFrom) and node.module == "t5qa":
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("t5qa."))
+            found.update(name(a.name) for a in node.names if a.name.startswith("t5qa."))
     return found
 
 
@@ -55,7 +68,31 @@ def test_imports_only_earlier_stages(path: Path):
     assert not later, f"{path.name} ({me}, rank {RANKS[me]}) imports later stages: {later}"
 
 
+def _package_sources() -> list[Path]:
+    return sorted(p for package in SUBRANKS for p in (SRC / package).glob("*.py") if p.stem != "__init__")
+
+
+def test_every_room_of_a_package_has_a_rank():
+    unknown = sorted(f"{p.parent.name}.{p.stem}" for p in _package_sources() if p.stem not in SUBRANKS[p.parent.name])
+    assert not unknown, f"add these rooms to SUBRANKS and docs/ARCHITECTURE.md: {unknown}"
+
+
+@pytest.mark.parametrize("path", _package_sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_rooms_of_a_package_import_only_earlier_rooms(path: Path):
+    package, me = path.parent.name, path.stem
+    ranks = SUBRANKS[package]
+    later = sorted(
+        m for m in _imported_t5qa_modules(path, depth=2)
+        if m.startswith(f"{package}.") and m.split(".")[1] in ranks and m.split(".")[1] != me
+        and ranks[m.split(".")[1]] >= ranks[me]
+    )
+    assert not later, f"{package}/{path.name} (rank {ranks[me]}) imports later rooms: {later}"
+
+
 def test_checker_detects_a_backward_import(tmp_path: Path):
     bad = tmp_path / "x.py"
     bad.write_text("from t5qa.train import fit\nimport t5qa.serve\n", encoding="utf-8")
     assert _imported_t5qa_modules(bad) == {"train", "serve"}
+    room = tmp_path / "y.py"
+    room.write_text("from t5qa.data.clean import load_dataset\nfrom t5qa.data import split\n", encoding="utf-8")
+    assert _imported_t5qa_modules(room, depth=2) == {"data.clean", "data.split"}

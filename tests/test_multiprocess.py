@@ -73,7 +73,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(tiny_model_dir: P
     assert distance < 0.02, distance
 
     # Checkpoints written by two processes resume (under two processes) to the same result.
-    from t5qa.train import verify_checkpoint
+    from t5qa.checkpoint import verify_checkpoint
 
     checkpoint = tmp_path / "two" / "checkpoints" / "step-3"
     assert verify_checkpoint(checkpoint) is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from t5qa import report
+from t5qa import report, rundir
 from t5qa.config import EncodeConfig, TrainConfig, save_yaml
 from t5qa.errors import ConfigError, DataError
 
@@ -119,7 +119,7 @@ def test_run_without_validation_has_no_em_f1_plot_and_says_so(tmp_path: Path) ->
     text = report.write_report(directory).read_text(encoding="utf-8")
     assert "No evaluation was run" in text
     assert "](loss.png)" in text and "em_f1.png" not in text
-    assert f"No {report.PREDICTIONS_FILE} in the run directory." in text
+    assert f"No {rundir.PREDICTIONS_FILE} in the run directory." in text
 
 
 def test_missing_or_empty_metrics_give_no_plots_and_a_report(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_resumed_steps_keep_last_record_and_cut_lines_are_skipped(tmp_path: Path
         '{"step": 30, "split": "train", "lo',                  # cut off mid-write
     ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines), encoding="utf-8")
-    splits = report.read_metrics(tmp_path / "metrics.jsonl")
+    splits = rundir.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in splits["train"]] == [(10, 3.0), (20, 2.0)]
     assert [r["f1"] for r in splits["validation"]] == [10.0]
     text = report.write_report(tmp_path).read_text(encoding="utf-8")

@@ -105,7 +105,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(dropout_model_dir: Path, 
 
 def test_corrupted_checkpoint_falls_back_to_the_previous_good_one(tiny_model_dir: Path, tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from t5qa.train import fit, verify_checkpoint
+    from t5qa.checkpoint import verify_checkpoint
+    from t5qa.train import fit
 
     settings = dict(max_steps=6, save_every_steps=2, keep_checkpoints=3, learning_rate=3e-3)
     fit(tiny_config(tiny_model_dir, tmp_path / "a", **settings))
@@ -128,7 +129,8 @@ def test_corrupted_checkpoint_falls_back_to_the_previous_good_one(tiny_model_dir
 
 def test_incomplete_checkpoint_without_marker_is_never_used(tiny_model_dir: Path, tmp_path: Path) -> None:
     from t5qa.errors import CheckpointError
-    from t5qa.train import CHECKPOINT_MARKER, fit
+    from t5qa.checkpoint import CHECKPOINT_MARKER
+    from t5qa.train import fit
 
     fit(tiny_config(tiny_model_dir, tmp_path, max_steps=3, save_every_steps=2))
     (tmp_path / "run" / "checkpoints" / "step-2" / CHECKPOINT_MARKER).unlink()
@@ -138,7 +140,7 @@ def test_incomplete_checkpoint_without_marker_is_never_used(tiny_model_dir: Path
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from t5qa.train import verify_checkpoint
+    from t5qa.checkpoint import verify_checkpoint
     from test_train import make_data
 
     data = make_data(tmp_path, n_train=48)

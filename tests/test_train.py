@@ -148,7 +148,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import T5ForConditionalGeneration
 
-    from t5qa.train import fit, verify_checkpoint
+    from t5qa.checkpoint import verify_checkpoint
+    from t5qa.train import fit
 
     # The 3rd training forward pass returns a NaN loss (evaluation forward passes are not counted).
     forward = T5ForConditionalGeneration.forward

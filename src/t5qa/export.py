@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 from t5qa.errors import ConfigError, ModelError, require
+from t5qa.rundir import MODEL_META_FILE
 
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "bfloat16", "int16")
-_META_FILE = "t5qa.json"
 
 
 def export_ct2(
@@ -83,7 +83,7 @@ def export_ct2(
                              f"{exc}); answer with the torch backend instead") from None
         tokenizer.save_pretrained(tmp)
         meta = {**meta, "ct2": {"quantization": quantization, "source": str(source)}}
-        (tmp / _META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)

@@ -21,6 +21,7 @@ from typing import Any
 from t5qa.config import TrainConfig
 from t5qa.errors import ConfigError, ModelError, require
 from t5qa.modeling import load_model, save_model
+from t5qa.rundir import MODEL_META_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def merge_adapter(
         raise ConfigError("--output must differ from --adapter: merging would overwrite the adapter")
     model, tokenizer = load_model(str(adapter_dir), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     merged = model.merge_and_unload()
-    meta_path = adapter_dir / "t5qa.json"
+    meta_path = adapter_dir / MODEL_META_FILE
     meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
     meta["merged_from_adapter"] = str(adapter_dir.resolve())
     if "lora" in meta:  # the merged model is no adapter any more; keep the settings for the record

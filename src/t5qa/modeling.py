@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from t5qa.errors import ConfigError, DataError, ModelError
+from t5qa.rundir import MODEL_META_FILE
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "t5qa.json"
 
 # Architectures for `t5qa init-model --config NAME`. t5-small / t5-base are the public T5 v1.0 shapes;
 # tiny, mini and byte-mini are for tests and offline demos (trained from scratch in seconds to minutes on a CPU).
@@ -369,7 +369,7 @@ def save_model(model: Any, tokenizer: Any, directory: str | os.PathLike, meta: d
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
@@ -384,7 +384,7 @@ def save_model(model: Any, tokenizer: Any, directory: str | os.PathLike, meta: d
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """The t5qa.json saved with a model ({} for a model not saved by t5qa, e.g. a Hub name)."""
-    path = Path(directory) / META_FILE
+    path = Path(directory) / MODEL_META_FILE
     if not path.is_file():
         return {}
     try:

@@ -24,14 +24,11 @@ from typing import Any
 
 from t5qa.config import REPORT_FORMATS
 from t5qa.errors import ConfigError, DataError
+from t5qa.rundir import (CONFIG_FILE, METRICS_FILE, PLOT_FILES, PREDICTIONS_FILE, SUMMARY_FILE, by_split, read_jsonl_rows,
+                         read_metrics)
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-PREDICTIONS_FILE = "eval_predictions.jsonl"
-PLOT_FILES = ("loss.png", "learning_rate.png", "em_f1.png")
 
 # Settings a reader looks for first, in this order; the rest of the config follows in file order.
 _KEY_SETTINGS = (
@@ -58,63 +55,12 @@ class _Run:
     problems: list[str] = field(default_factory=list)                # unreadable files or lines, for the report
 
 
-def read_metrics(path: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """Read a metrics.jsonl file into {"train": [...], "validation": [...]}, each sorted by step.
-
-    A step logged twice (a resumed run repeats the steps after its last checkpoint) keeps its last record.
-    Unparsable lines (such as a line cut off by a crash) are skipped with a warning.
-
-    Args:
-        path: the metrics.jsonl file.
-    Returns:
-        Records per split; an absent file gives empty lists.
-    """
-    rows, _ = _read_jsonl(Path(path))
-    return _by_split(rows)
-
-
-def _by_split(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    by_split: dict[str, dict[float, dict[str, Any]]] = {"train": {}, "validation": {}}
-    for row in rows:
-        split = row.get("split", "train")
-        step = _number(row.get("step"))
-        if split in by_split and step is not None:
-            by_split[split][step] = row
-    return {split: [steps[s] for s in sorted(steps)] for split, steps in by_split.items()}
-
-
-def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    if not path.is_file():
-        return [], []
-    rows, problems = [], []
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as exc:
-        problem = f"{path}: unreadable ({exc})"
-        logger.warning(problem)
-        return [], [problem]
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            problems.append(f"{path.name} line {number}: not a JSON object, skipped")
-            continue
-        rows.append(row)
-    for problem in problems:
-        logger.warning("%s", problem)
-    return rows, problems
-
-
 def _read_run(run_dir: Path) -> _Run:
     run = _Run(directory=run_dir)
     metrics_path = run_dir / METRICS_FILE
     run.has_metrics_file = metrics_path.is_file()
-    rows, run.problems = _read_jsonl(metrics_path)
-    splits = _by_split(rows)
+    rows, run.problems = read_jsonl_rows(metrics_path)
+    splits = by_split(rows)
     run.train, run.validation = splits["train"], splits["validation"]
 
     config_path = run_dir / CONFIG_FILE
@@ -143,7 +89,7 @@ def _read_run(run_dir: Path) -> _Run:
         if isinstance(loaded, dict):
             run.summary = loaded
 
-    run.predictions, problems = _read_jsonl(run_dir / PREDICTIONS_FILE)
+    run.predictions, problems = read_jsonl_rows(run_dir / PREDICTIONS_FILE)
     run.problems.extend(problems)
     return run
 
@@ -194,14 +140,15 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     if not metrics_path.is_file():
         logger.warning("%s not found: no plots drawn", metrics_path)
         return []
+    loss_plot, lr_plot, em_f1_plot = PLOT_FILES
     splits = read_metrics(metrics_path)
     train, validation = splits["train"], splits["validation"]
 
     plans: list[tuple[str, str, str, list[tuple[str, tuple[list[float], list[float]]]]]] = [
-        ("loss.png", "Loss", "loss",
+        (loss_plot, "Loss", "loss",
          [("train", _series(train, "loss")), ("validation", _series(validation, "loss"))]),
-        ("learning_rate.png", "Learning rate", "learning rate", [("learning rate", _series(train, "learning_rate"))]),
-        ("em_f1.png", "Validation exact match and F1", "score (%)",
+        (lr_plot, "Learning rate", "learning rate", [("learning rate", _series(train, "learning_rate"))]),
+        (em_f1_plot, "Validation exact match and F1", "score (%)",
          [("exact match", _series(validation, "exact_match")), ("F1", _series(validation, "f1"))]),
     ]
     written = []

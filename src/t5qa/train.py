@@ -7,26 +7,14 @@ process. Effective batch size = train_batch_size x gradient_accumulation_steps x
 The same code runs on one CPU, one GPU, or under `accelerate launch -m t5qa train ...` (DDP, FSDP, DeepSpeed):
 Accelerate owns devices, precision, gradient accumulation and gradient synchronisation; the loop below is ours.
 
-Run directory (`cfg.output`):
-    config.yaml           the resolved TrainConfig
-    run_summary.json      what the run is about to do (written before step one)
-    metrics.jsonl         one JSON object per log/evaluation: {"step", "epoch", "split", "loss", ...}
-    tensorboard/          the same numbers for TensorBoard
-    checkpoints/step-N/   resumable state, written atomically, verified by checksums before use
-    best/, last/          Hugging Face layout models (loadable by transformers alone) with t5qa.json
-    eval_predictions.jsonl, summary.json, loss.png, learning_rate.png, em_f1.png, report.md
+The run directory's files are named in `t5qa.rundir`; checkpoints are written by `t5qa.checkpoint`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
-import os
-import random
-import shutil
 import signal
 import sys
 import threading
@@ -38,26 +26,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from t5qa.checkpoint import (check_output_dir, complete_checkpoints, latest_good_checkpoint, load_checkpoint,
+                             save_checkpoint, write_error)
 from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
 from t5qa.data import QAExample, load_dataset, split_examples
 from t5qa.evaluate import choose_metric_for
 from t5qa.encode import EncodeStats, LengthGroupedSampler, encode_for_training, make_collator
-from t5qa.errors import CheckpointError, ConfigError, TrainingError
+from t5qa.errors import ConfigError, TrainingError
 from t5qa.fastpath import (clip_in_step, clipping_fits_in_step, keep_freed_memory, use_fast_dropout,
                            use_fast_linear, use_fast_norm)
 from t5qa.lora import apply_lora, is_lora_model, save_adapter
 from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
+from t5qa.rundir import (BEST_DIR, CONFIG_FILE, LAST_DIR, PREDICTIONS_FILE, RUN_SUMMARY_FILE, SUMMARY_FILE, MetricsLog,
+                         write_json)
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINTS_DIR = "checkpoints"
-CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
-TRAINER_STATE_FILE = "trainer_state.json"
-SCHEDULER_FILE = "scheduler.pt"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-RUN_SUMMARY_FILE = "run_summary.json"
-PREDICTIONS_FILE = "eval_predictions.jsonl"
 
 
 class StopTraining(Exception):
@@ -161,7 +144,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         logging.getLogger("t5qa").setLevel(logging.ERROR)
     set_seed(cfg.seed)
     output_dir = Path(cfg.output)
-    _check_output_dir(output_dir, resume=cfg.resume)
+    check_output_dir(output_dir, resume=cfg.resume)
 
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_precision(model, cfg.precision)
@@ -240,8 +223,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     }
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(dataclasses.replace(cfg, resume=False), output_dir / "config.yaml")
-        _write_json(output_dir / RUN_SUMMARY_FILE, summary)
+        save_yaml(dataclasses.replace(cfg, resume=False), output_dir / CONFIG_FILE)
+        write_json(output_dir / RUN_SUMMARY_FILE, summary)
         _log_summary(summary)
     return TrainingRun(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                        scheduler=scheduler, train_loader=train_loader, sampler=sampler,
@@ -249,17 +232,6 @@ def setup(cfg: TrainConfig) -> TrainingRun:
                        encode_stats=encode_stats, generate=generate, output_dir=output_dir,
                        micro_batches_per_epoch=micro_batches_per_epoch, steps_per_epoch=steps_per_epoch,
                        total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, summary=summary)
-
-
-def _check_output_dir(output_dir: Path, *, resume: bool) -> None:
-    has_checkpoints = any((output_dir / CHECKPOINTS_DIR).glob("step-*"))
-    if has_checkpoints and not resume:
-        raise ConfigError(
-            f"{output_dir} already holds checkpoints of a run: pass --resume to continue it, "
-            f"or choose another --output (or delete {output_dir / CHECKPOINTS_DIR}) to start over"
-        )
-    if resume and not has_checkpoints:
-        raise ConfigError(f"--resume: {output_dir / CHECKPOINTS_DIR} holds no checkpoint; run without --resume")
 
 
 def _prepare_model_for_training(model: Any, cfg: TrainConfig) -> Any:
@@ -391,8 +363,8 @@ def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, prog
 
     state = TrainerState()
     if cfg.resume:
-        state = _load_checkpoint(run, _latest_good_checkpoint(run.output_dir))
-    metrics_log = _MetricsLog(run.output_dir, resume_step=state.step if cfg.resume else None, enabled=is_main)
+        state = _resume(run)
+    metrics_log = MetricsLog(run.output_dir, resume_step=state.step if cfg.resume else None, enabled=is_main)
     stop_request = _StopRequest()
     bar = _progress_bar(run, state.step, progress, enabled=is_main)
 
@@ -498,7 +470,7 @@ def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, prog
                         raise TrainingInterrupted(
                             f"training interrupted at step {state.step} of {run.total_steps}; a checkpoint was "
                             f"saved in {checkpoint}. Resume with: t5qa train --config "
-                            f"{run.output_dir / 'config.yaml'} --resume")
+                            f"{run.output_dir / CONFIG_FILE} --resume")
                 if state.step >= run.total_steps or stop_reason:
                     break
         state.train_seconds += time.perf_counter() - started
@@ -528,7 +500,7 @@ def clip_gradients(run: TrainingRun, trainable: list[torch.nn.Parameter]) -> tor
 
 
 def _non_finite_error(run: TrainingRun, step: int, epoch: int, what: str) -> TrainingError:
-    good = _complete_checkpoints(run.output_dir)
+    good = complete_checkpoints(run.output_dir)
     kept = f"the last good checkpoint {good[0]} is kept" if good else "no checkpoint had been written yet"
     return TrainingError(
         f"non-finite {what} at step {step} (epoch {epoch + 1}); training stopped and "
@@ -541,7 +513,7 @@ def _non_finite_error(run: TrainingRun, step: int, epoch: int, what: str) -> Tra
 
 
 def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
-                        metrics_log: "_MetricsLog") -> tuple[dict[str, Any], bool]:
+                        metrics_log: MetricsLog) -> tuple[dict[str, Any], bool]:
     """Evaluate on the validation set, log, keep best/ and update the early-stopping counter."""
     from t5qa.evaluate import evaluate_model, write_predictions
 
@@ -568,7 +540,7 @@ def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
     logger.info("step %d: %s%s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
                 " (best so far)" if improved else "")
     if improved:
-        _save_model_dir(run, run.output_dir / "best", state)
+        _save_model_dir(run, run.output_dir / BEST_DIR, state)
         if accelerator.is_main_process:
             write_predictions(result, run.output_dir / PREDICTIONS_FILE)
     return metrics, improved
@@ -596,14 +568,14 @@ def _save_model_dir(run: TrainingRun, directory: Path, state: TrainerState) -> N
         try:
             save(model, run.tokenizer, directory, _model_meta(run, state))
         except OSError as exc:
-            raise _write_error(run, exc, f"the model to {directory}") from None
+            raise write_error(run.output_dir, exc, f"the model to {directory}") from None
     accelerator.wait_for_everyone()
 
 
-def _finish(run: TrainingRun, state: TrainerState, metrics_log: "_MetricsLog") -> TrainResult:
+def _finish(run: TrainingRun, state: TrainerState, metrics_log: MetricsLog) -> TrainResult:
     """Write last/, best/ (when no validation chose one), summary.json, plots and the report."""
     accelerator, output_dir = run.accelerator, run.output_dir
-    last_dir, best_dir = output_dir / "last", output_dir / "best"
+    last_dir, best_dir = output_dir / LAST_DIR, output_dir / BEST_DIR
     _save_model_dir(run, last_dir, state)
     if not run.validation_examples:
         _save_model_dir(run, best_dir, state)
@@ -621,7 +593,7 @@ def _finish(run: TrainingRun, state: TrainerState, metrics_log: "_MetricsLog") -
         "eval_history": state.eval_history,
     }
     if accelerator.is_main_process:
-        _write_json(output_dir / SUMMARY_FILE, summary)
+        write_json(output_dir / SUMMARY_FILE, summary)
         metrics_log.close()
         from t5qa.report import write_report
 
@@ -636,236 +608,22 @@ def _finish(run: TrainingRun, state: TrainerState, metrics_log: "_MetricsLog") -
 # -------------------------------------------------------------------------------------------- checkpoints
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-        os.fsync(handle.fileno())  # the bytes we hash are the bytes on disk
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _rng_state() -> dict[str, Any]:
-    # Plain types and tensors only, so the file loads with torch.load(weights_only=True).
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _save_checkpoint(run: TrainingRun, state: TrainerState) -> Path:
-    """Write checkpoints/step-N atomically; a failed write (e.g. a full disk) leaves no temp dir behind."""
-    tmp = run.output_dir / CHECKPOINTS_DIR / f".tmp-step-{state.step}"
-    try:
-        return _save_checkpoint_unsafe(run, state)
-    except OSError as exc:
-        if run.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(run, exc, f"checkpoint step-{state.step}") from None
-
-
-def _write_error(run: TrainingRun, exc: OSError, what: str) -> CheckpointError:
-    import errno
-
-    good = _complete_checkpoints(run.output_dir)
-    kept = f"the last good checkpoint {good[0]} is intact" if good else "no checkpoint had been written yet"
-    reason = ("the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-              else exc.strerror or type(exc).__name__)
-    return CheckpointError(f"cannot write {what} ({exc.filename}): {reason}; {kept}. Free some space (or use "
-                           f"--output on another disk) and continue with --resume")
-
-
-def _save_checkpoint_unsafe(run: TrainingRun, state: TrainerState) -> Path:
-    accelerator = run.accelerator
     if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
         raise _non_finite_error(run, state.step, state.epoch, "model weights")  # never save them over a good one
-    root = run.output_dir / CHECKPOINTS_DIR
-    final = root / f"step-{state.step}"
-    tmp = root / f".tmp-step-{state.step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)  # model, optimizer (FSDP/DeepSpeed aware)
-    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(run.scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        _write_json(tmp / TRAINER_STATE_FILE, dataclasses.asdict(state))
-        save_yaml(dataclasses.replace(run.cfg, resume=False), tmp / "config.yaml")
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        checksums = {str(p.relative_to(tmp)): _sha256(p) for p in files}
-        _write_json(tmp / CHECKPOINT_MARKER, {"step": state.step, "sha256": checksums})
-        with (tmp / CHECKPOINT_MARKER).open("rb") as handle:
-            os.fsync(handle.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # a stale or corrupted checkpoint of the same step, from before a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in _checkpoint_dirs(run.output_dir)[run.cfg.keep_checkpoints:]:
-            shutil.rmtree(old, ignore_errors=True)
-        logger.info("saved checkpoint %s", final)
-    accelerator.wait_for_everyone()
-    return final
+    return save_checkpoint(run.accelerator, run.output_dir, state.step, scheduler=run.scheduler,
+                           trainer_state=dataclasses.asdict(state), config=run.cfg, keep=run.cfg.keep_checkpoints)
 
 
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """checkpoints/step-N directories, newest (highest N) first."""
-    found = []
-    for path in (output_dir / CHECKPOINTS_DIR).glob("step-*"):
-        suffix = path.name.removeprefix("step-")
-        if path.is_dir() and suffix.isdigit():
-            found.append((int(suffix), path))
-    return [p for _, p in sorted(found, reverse=True)]
-
-
-def verify_checkpoint(path: Path) -> str | None:
-    """Why the checkpoint at `path` cannot be used, or None when it is complete and intact."""
-    marker = path / CHECKPOINT_MARKER
-    if not marker.is_file():
-        return f"no {CHECKPOINT_MARKER} (the write did not finish)"
-    try:
-        expected = json.loads(marker.read_text(encoding="utf-8"))["sha256"]
-    except (OSError, ValueError, KeyError) as exc:
-        return f"unreadable {CHECKPOINT_MARKER} ({exc})"
-    for name, digest in expected.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if _sha256(file) != digest:
-            return f"{name} does not match its checksum (corrupted)"
-    return None
-
-
-def _complete_checkpoints(output_dir: Path) -> list[Path]:
-    return [p for p in _checkpoint_dirs(output_dir) if (p / CHECKPOINT_MARKER).is_file()]
-
-
-def _latest_good_checkpoint(output_dir: Path) -> Path:
-    for path in _checkpoint_dirs(output_dir):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        logger.warning("checkpoint %s cannot be used: %s; trying the previous one", path, problem)
-    raise CheckpointError(
-        f"{output_dir / CHECKPOINTS_DIR}: no complete checkpoint to resume from (all are incomplete or "
-        f"corrupted); run again without --resume and with a new --output"
-    )
-
-
-def _load_checkpoint(run: TrainingRun, path: Path) -> TrainerState:
-    accelerator = run.accelerator
-    saved = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
-    state = TrainerState(**saved)
-    _warn_config_changes(run.cfg, path)
-    accelerator.load_state(str(path))
-    run.scheduler.load_state_dict(torch.load(path / SCHEDULER_FILE, weights_only=True))
-    rng_file = path / f"rng_state_{accelerator.process_index}.pt"
-    if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        logger.warning("%s: no random state for process %d (the number of processes changed); dropout will not "
-                       "repeat the interrupted run exactly", path, accelerator.process_index)
+def _resume(run: TrainingRun) -> TrainerState:
+    path = latest_good_checkpoint(run.output_dir)
+    state = TrainerState(**load_checkpoint(run.accelerator, path, scheduler=run.scheduler, config=run.cfg))
     logger.info("resumed from %s: step %d, epoch %d, %d micro-batches into the epoch", path, state.step,
                 state.epoch + 1, state.micro_batches_in_epoch)
     return state
 
 
-def _warn_config_changes(cfg: TrainConfig, path: Path) -> None:
-    from t5qa.config import load_yaml
-
-    try:
-        before = load_yaml(path / "config.yaml")
-    except ConfigError:
-        return
-    now = to_dict(dataclasses.replace(cfg, resume=False))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-    if changed:
-        logger.warning("resuming with changed settings (%s): the result will differ from an uninterrupted run",
-                       ", ".join(changed))
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-
-
-class _MetricsLog:
-    """metrics.jsonl and TensorBoard, main process only. On resume, rows after the checkpoint are dropped."""
-
-    def __init__(self, output_dir: Path, *, resume_step: int | None, enabled: bool) -> None:
-        self.enabled = enabled
-        self.writer = None
-        self.handle = None
-        if not enabled:
-            return
-        path = output_dir / METRICS_FILE
-        kept = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a half-written last line of a killed run
-                if isinstance(row, dict) and row.get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.handle = path.open("w", encoding="utf-8")
-        for line in kept:
-            self.handle.write(line + "\n")
-        self.handle.flush()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=resume_step)
-        except ImportError:  # pragma: no cover - tensorboard is a core dependency
-            logger.warning("tensorboard is not installed: no TensorBoard logs")
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled or self.handle is None:
-            return
-        self.handle.write(json.dumps(row) + "\n")
-        self.handle.flush()
-        if self.writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 class _StopRequest:
