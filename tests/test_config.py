@@ -46,3 +46,16 @@ def test_bad_yaml_names_line(tmp_path):
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match="epochs"):
         load_train_config(None, epochs="three")
+
+
+def test_the_split_seed_and_the_training_seed_are_separate_flags(tmp_path):
+    from t5qa.cli import build_parser
+    from t5qa.cli.common import config_overrides
+
+    args = build_parser().parse_args(["train", "--train", "t.jsonl", "--output", str(tmp_path / "run"),
+                                      "--seed", "5", "--split-seed", "3"])
+    cfg = load_train_config(None, **config_overrides(args, TrainConfig))
+    assert (cfg.seed, cfg.data.split_seed) == (5, 3)
+    default = load_train_config(None, **config_overrides(build_parser().parse_args(
+        ["train", "--train", "t.jsonl", "--output", str(tmp_path / "run"), "--seed", "5"]), TrainConfig))
+    assert default.data.split_seed == TrainConfig().data.split_seed

@@ -63,7 +63,7 @@ def test_prepare_writes_grouped_seeded_splits_and_report(capsys: pytest.CaptureF
              "answer": str(c * 7)} for c in range(30) for q in range(3)]
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = ["data", "prepare", str(data), "--val-fraction", "0.2", "--test-fraction", "0.1", "--seed", "5"]
+    args = ["data", "prepare", str(data), "--val-fraction", "0.2", "--test-fraction", "0.1", "--split-seed", "5"]
     report = run_json(capsys, *args, "--output", str(tmp_path / "a"))
     run_json(capsys, *args, "--output", str(tmp_path / "b"))
     contexts = {}
@@ -76,7 +76,7 @@ def test_prepare_writes_grouped_seeded_splits_and_report(capsys: pytest.CaptureF
     assert not contexts["validation"] & contexts["test"]
     assert (len(contexts["validation"]), len(contexts["test"])) == (6, 3)
     on_disk = json.loads((tmp_path / "a" / "report.json").read_text())
-    assert on_disk["cleaning"]["total_in"] == 90 and on_disk["data_config"]["seed"] == 5
+    assert on_disk["cleaning"]["total_in"] == 90 and on_disk["data_config"]["split_seed"] == 5
 
 
 def test_prepare_report_counts_every_drop(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

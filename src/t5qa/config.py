@@ -59,8 +59,8 @@ class DataConfig:
     """Fraction of contexts for the validation split."""
     test_fraction: float = 0.1
     """Fraction of contexts for the test split."""
-    seed: int = 42
-    """Seed of the grouped split."""
+    split_seed: int = 42
+    """Seed of the grouped split (which contexts go to validation and test); training has its own --seed."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -261,7 +261,7 @@ def _load_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[QAExample], l
     if cfg.data.val_fraction <= 0:
         return examples, []
     # Grouped by context, so no validation question is about a context seen in training.
-    splits = split_examples(examples, cfg.data.val_fraction, 0.0, cfg.data.seed)
+    splits = split_examples(examples, cfg.data.val_fraction, 0.0, cfg.data.split_seed)
     logger.info("no --validation: held out %d of %d examples (%.0f%% of the contexts) for validation",
                 len(splits["validation"]), len(examples), 100 * cfg.data.val_fraction)
     return splits["train"], splits["validation"]

@@ -45,7 +45,7 @@ def _flag_fields(cls: type) -> list[tuple[str, Any, str, Any]]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         out.append((f.name, annotation, docs.get(f.name, ""), default))
-    # A nested field with the same name as an outer one (DataConfig.seed vs TrainConfig.seed) is set through
+    # A nested field with the same name as an outer one would be set through
     # the outer flag; one flag per name.
     own = {name for name, *_ in out}
     return out + [entry for entry in nested if entry[0] not in own]

@@ -21,7 +21,7 @@ from t5qa.data import (
 )
 from t5qa.errors import DataError
 
-_SPLIT_FLAGS = ("val_fraction", "test_fraction", "seed")
+_SPLIT_FLAGS = ("val_fraction", "test_fraction", "split_seed")
 _ENCODE_EXCLUDE = ("stride_tokens", "group_by_length")
 
 
@@ -147,7 +147,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     """Clean, split by context, and write the JSONL splits and report.json."""
     data, encode = _configs(args)
     result = _analyse(args, data, encode)
-    splits = split_examples(result["examples"], data.val_fraction, data.test_fraction, data.seed)
+    splits = split_examples(result["examples"], data.val_fraction, data.test_fraction, data.split_seed)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise DataError(f"--output {output}: exists and is not a directory; choose another path")

@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "continues the study, and several machines can share one study with --storage. The search "
                     "space is the `search:` section of --config; the other keys of that file, and the flags "
                     "below, are the base training config of every trial.",
-        # TrainConfig.seed and DataConfig.seed share a flag name; the later (TrainConfig) definition wins.
+        # Flags defined both by TrainConfig and by this command: the later definition wins.
         conflict_handler="resolve",
     )
     p.add_argument("--trials", type=int, required=True,
