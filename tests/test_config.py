@@ -59,3 +59,11 @@ def test_the_split_seed_and_the_training_seed_are_separate_flags(tmp_path):
     default = load_train_config(None, **config_overrides(build_parser().parse_args(
         ["train", "--train", "t.jsonl", "--output", str(tmp_path / "run"), "--seed", "5"]), TrainConfig))
     assert default.data.split_seed == TrainConfig().data.split_seed
+
+
+def test_the_window_overlap_follows_a_changed_input_length_unless_set():
+    assert load_train_config(None).encode.stride_tokens == 128
+    assert load_train_config(None, max_source_tokens=64).encode.stride_tokens == 16
+    assert load_train_config(None, max_source_tokens=64, stride_tokens=8).encode.stride_tokens == 8
+    with pytest.raises(ConfigError, match="--stride-tokens"):
+        load_train_config(None, max_source_tokens=64, stride_tokens=64)

@@ -83,12 +83,15 @@ class EncodeConfig:
     """Input length limit in tokens; longer contexts are cut into overlapping windows."""
     max_target_tokens: int = 64
     """Answer length limit in tokens (labels are truncated to it)."""
-    stride_tokens: int = 128
-    """Overlap, in context tokens, between consecutive windows of a long context."""
+    stride_tokens: int | None = None
+    """Overlap, in context tokens, between consecutive windows of a long context; by default a quarter of
+    max_source_tokens (128 at 512), so it follows a changed input length."""
     group_by_length: bool = True
     """Batch examples of similar input and answer length together, so dynamic padding wastes little compute."""
 
     def __post_init__(self) -> None:
+        if self.stride_tokens is None:  # derived from the input length, so it follows --max-source-tokens
+            self.stride_tokens = max(self.max_source_tokens, 0) // 4
         problems = []
         for key in ("{question}", "{context}"):
             if key not in self.prompt_template:

@@ -61,9 +61,7 @@ def _add_common(parser: argparse.ArgumentParser, exclude: tuple[str, ...]) -> No
 def _configs(args: argparse.Namespace) -> tuple[DataConfig, EncodeConfig]:
     data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
     values = {k: v for k, v in config_overrides(args, EncodeConfig).items() if k not in _ENCODE_EXCLUDE}
-    if "max_source_tokens" in values:
-        # Statistics do not use the window stride; keep it valid for a small --max-source-tokens.
-        values["stride_tokens"] = min(EncodeConfig.stride_tokens, int(values["max_source_tokens"]) // 2)
+    # The window overlap is left to its default, which follows --max-source-tokens.
     encode = from_dict(EncodeConfig, values, source="flags")
     return data, encode
 
