@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -20,8 +19,6 @@ from typing import Any
 
 from t5qa.config import DataConfig
 from t5qa.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 FORMATS = ("squad", "json", "jsonl", "csv", "tsv", "parquet", "hf", "hf_disk", "pubmedqa", "qed")
 # Column names recognised without flags, in order of preference.
