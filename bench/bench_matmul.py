@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     try:
-        from t5qa.fastpath import onednn_linear_available
+        from t5qa.fastpath.linear import onednn_linear_available
     except ImportError:  # t5qa not installed: MKL only
         def onednn_linear_available() -> bool:
             return False

@@ -63,7 +63,7 @@ def start_t5qa_experiment() -> Any:
     import atexit
     import logging
 
-    from t5qa.fastpath import keep_freed_memory  # here, not at import: peers' benchmarks import this module
+    from t5qa.fastpath.allocator import keep_freed_memory  # here, not at import: peers' benchmarks import this module
 
     logging.basicConfig(level=logging.WARNING)
     keeping = keep_freed_memory()

@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import platform
 import random
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -162,35 +159,6 @@ def run_load(base_url: str, *, requests: int = 2000, concurrency: int = 32, pair
                              timeout_s=timeout_s, headers=headers))
 
 
-@contextlib.contextmanager
-def running_server(app: Any, *, log_level: str = "warning", **uvicorn_options: Any) -> Iterator[str]:
-    """uvicorn serving `app` on a free loopback port in a daemon thread; yields the base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    # log_config=None: uvicorn's loggers propagate to the root logger (pytest's caplog sees them).
-    config = uvicorn.Config(app, log_config=None, log_level=log_level, lifespan="on", backlog=2048,
-                            **uvicorn_options)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
-
-
 def build_model(preset: str, directory: Path) -> Path:
     """A randomly initialised model of a t5qa preset with a small locally trained tokenizer (no download)."""
     import torch
@@ -228,7 +196,7 @@ def write_results(result: LoadResult, command: str, model: str, settings: dict[s
         "sending the request to reading the whole response, at the client. Model calls < requests shows the",
         "server's micro-batching at work (concurrent requests answered in one generate call).",
         "",
-        "The CI version (`tests/test_server_abuse.py::test_load_400_requests_32_clients_no_5xx_no_drops`, marked",
+        "The CI version (`tests/test_serve_abuse.py::test_load_400_requests_32_clients_no_5xx_no_drops`, marked",
         "slow) sends 400 requests from 32 clients and asserts zero 5xx, zero 4xx and zero dropped (no timing).",
     ]
     section = [
@@ -285,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from t5qa.config import GenerateConfig
     from t5qa.predict import Predictor
-    from t5qa.serve import create_app
+    from t5qa.serve import ServeConfig, create_app, running_server
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     load_before = _load_average()
@@ -293,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(args.model) if args.model else build_model(args.preset, Path(tmp))
         predictor = Predictor.from_pretrained(model_dir, generate=GenerateConfig(max_new_tokens=args.max_new_tokens,
                                                                                  batch_size=args.max_batch_size))
-        app = create_app(predictor, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+        app = create_app(predictor, config=ServeConfig(max_batch_size=args.max_batch_size,
+                                                       max_wait_ms=args.max_wait_ms))
         with running_server(app) as url:
             result = run_load(url, requests=args.requests, concurrency=args.concurrency,
                               pairs_per_request=args.pairs_per_request, timeout_s=args.timeout_s)

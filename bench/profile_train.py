@@ -66,7 +66,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from t5qa.config import EncodeConfig, TrainConfig
-    from t5qa.fastpath import keep_freed_memory
+    from t5qa.fastpath.allocator import keep_freed_memory
     from t5qa.train import clip_gradients, setup
 
     # as fit() does

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from t5qa.config import TrainConfig, load_train_config, save_yaml
@@ -67,3 +69,12 @@ def test_the_window_overlap_follows_a_changed_input_length_unless_set():
     assert load_train_config(None, max_source_tokens=64, stride_tokens=8).encode.stride_tokens == 8
     with pytest.raises(ConfigError, match="--stride-tokens"):
         load_train_config(None, max_source_tokens=64, stride_tokens=64)
+
+
+def test_evaluation_batch_is_the_answering_batch_and_old_configs_still_load(tmp_path) -> None:
+    from t5qa.config import TrainConfig
+
+    assert "eval_batch_size" not in {f.name for f in dataclasses.fields(TrainConfig)}
+    old = tmp_path / "config.yaml"  # a run directory's config.yaml from before the rename
+    old.write_text("model: m\ntrain: t.json\neval_batch_size: 12\n", encoding="utf-8")
+    assert load_train_config(old).generate.batch_size == 12

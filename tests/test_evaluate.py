@@ -21,7 +21,7 @@ from t5qa.errors import DataError
 from t5qa.evaluate import (EvalResult, evaluate_model, evaluate_predictions, read_predictions,
                            write_predictions)
 from t5qa.metrics import score_predictions
-from t5qa.predict import Answer, Predictor
+from t5qa.predict import Answer, Predictor, TorchBackend
 
 ENCODE = EncodeConfig(max_source_tokens=128, stride_tokens=32, max_target_tokens=8)
 GENERATE = GenerateConfig(max_new_tokens=4)
@@ -100,11 +100,11 @@ def test_answer_in_input_follows_the_answering_window(tiny_model, monkeypatch):
     encode = EncodeConfig(max_source_tokens=40, stride_tokens=8, max_target_tokens=8)
     chosen = {}
 
-    def run(self, batch, gen):
+    def run(self, batch, gen, max_new_tokens, stats):
         # Only the window chosen by the test answers; the others say "no answer here".
         return [("kilo" if item.window.window_index == chosen["k"] else "", -0.5) for item in batch]
 
-    monkeypatch.setattr(Predictor, "_run_torch", run)
+    monkeypatch.setattr(TorchBackend, "run", run)
     chosen["k"] = 0
     row = evaluate_model(model, tokenizer, [example], encode, GENERATE, batch_size=4).predictions[0]
     assert row["window"] == 0 and row["num_windows"] > 2

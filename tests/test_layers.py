@@ -12,12 +12,14 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "t5qa"
 # Lower rank = earlier stage. The cli package is on top and may import everything.
 RANKS = {
     "errors": 0, "config": 1, "rundir": 2, "data": 3, "encode": 4, "stats": 5, "metrics": 6, "fastpath": 7,
-    "modeling": 8, "lora": 9, "predict": 10, "evaluate": 11, "report": 12, "checkpoint": 13, "train": 14,
-    "export": 15, "serve": 16, "tune": 17, "demo": 18, "cli": 19,
+    "modeling": 8, "lora": 9, "predict": 10, "evaluate": 11, "report": 12, "checkpoint": 13, "optim": 13,
+    "train": 14, "export": 15, "api": 16, "serve": 17, "tune": 18, "demo": 19, "cli": 20,
 }
 # Inside a package, the same rule between its rooms (a package's __init__ only gathers their names).
 SUBRANKS = {
     "data": {"records": 0, "readers": 1, "clean": 2, "split": 2},
+    "fastpath": {"classes": 0, "dropout": 1, "linear": 1, "norm": 1, "clip": 1, "allocator": 1, "proof": 2},
+    "serve": {"batcher": 0, "middleware": 0, "runner": 0, "schemas": 1, "app": 2},
 }
 EXEMPT = {"__init__", "__main__", "sample_data", "static"}
 

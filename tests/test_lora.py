@@ -40,7 +40,7 @@ def trained(tiny_model_dir):
     torch.manual_seed(0)
     model, tokenizer = load_model(str(tiny_model_dir))
     before = _base_weights(model)
-    lora_model = apply_lora(model, TrainConfig(model=str(tiny_model_dir), lora_rank=4, lora_alpha=8.0))
+    lora_model = apply_lora(model, rank=4, alpha=8.0, dropout=0.05)
     batch = _batch(tokenizer, synthetic_copy_examples(8, seed=3))
     optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=3e-2)
     lora_model.train()
@@ -76,14 +76,14 @@ def test_default_targets_follow_the_model_type(tiny_model, tiny_tokenizer):
     from transformers import BartConfig, BartForConditionalGeneration
 
     t5, _ = tiny_model
-    assert resolve_target_modules(t5, TrainConfig().lora_target_modules) == ("q", "v")
+    assert resolve_target_modules(t5) == ("q", "v")
     assert resolve_target_modules(t5, ("k", "o")) == ("k", "o")  # a user's choice is kept
     bart = BartForConditionalGeneration(BartConfig(
         vocab_size=len(tiny_tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
         max_position_embeddings=64))
-    assert resolve_target_modules(bart, TrainConfig().lora_target_modules) == ("q_proj", "v_proj")
-    wrapped = apply_lora(bart, TrainConfig(lora_rank=2))
+    assert resolve_target_modules(bart) == ("q_proj", "v_proj")
+    wrapped = apply_lora(bart, rank=2, alpha=32.0, dropout=0.0)
     names = [n for n, p in wrapped.named_parameters() if p.requires_grad]
     assert any("q_proj.lora_A" in n for n in names) and any("v_proj.lora_B" in n for n in names)
 
@@ -91,13 +91,13 @@ def test_default_targets_follow_the_model_type(tiny_model, tiny_tokenizer):
 def test_unknown_target_module_names_the_flag_and_the_existing_layers(tiny_model):
     model, _ = tiny_model
     with pytest.raises(ConfigError, match=r"--lora-target-modules: no linear layer named 'query'.*\bq\b.*\bv\b"):
-        apply_lora(model, TrainConfig(lora_rank=4, lora_target_modules=("query",)))
+        apply_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules=("query",))
 
 
 def test_apply_lora_needs_a_rank(tiny_model):
     model, _ = tiny_model
     with pytest.raises(ConfigError, match="--lora-rank"):
-        apply_lora(model, TrainConfig())
+        apply_lora(model, rank=None, alpha=8.0, dropout=0.0)
 
 
 def _inputs(tokenizer):
@@ -205,3 +205,34 @@ def test_fit_with_lora_rank_saves_adapters_that_merge(tiny_model_dir, tmp_path):
     enc = _inputs(tokenizer)
     torch.testing.assert_close(_logits(merged, enc), _logits(adapter, enc), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(_logits(base, enc), _logits(merged, enc), atol=1e-3)
+
+
+def test_train_merge_writes_a_plain_model_that_answers_like_the_adapter(tiny_model_dir, tmp_path, capsys):
+    from t5qa.cli import main
+    from t5qa.data import write_jsonl
+    from t5qa.modeling import read_meta
+
+    write_jsonl(synthetic_copy_examples(16, seed=0), tmp_path / "train.jsonl")
+    argv = ["train", "--model", str(tiny_model_dir), "--train", str(tmp_path / "train.jsonl"), "--val-fraction",
+            "0", "--output", str(tmp_path / "run"), "--max-steps", "3", "--train-batch-size", "4",
+            "--learning-rate", "3e-2", "--lora-rank", "4", "--no-progress"]
+    assert main([*argv, "--merge"]) == 0
+    merged = tmp_path / "run" / "best-merged"
+    assert f"merged model: {merged}" in capsys.readouterr().out
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    plain, tokenizer = load_model(str(merged))
+    adapter, _ = load_model(str(tmp_path / "run" / "best"))
+    assert not is_lora_model(plain) and is_lora_model(adapter)
+    enc = _inputs(tokenizer)
+    torch.testing.assert_close(_logits(plain, enc), _logits(adapter, enc), rtol=1e-4, atol=1e-5)
+    assert read_meta(merged)["encode"] == read_meta(tmp_path / "run" / "best")["encode"]  # it predicts the same way
+    assert main([*argv[:-3], "--no-progress", "--merge"]) == 2  # without --lora-rank: nothing to merge, one clear line
+    assert "--merge needs --lora-rank" in capsys.readouterr().err
+
+
+def test_a_model_type_without_a_known_default_must_name_its_targets(tiny_model):
+    model, _ = tiny_model
+    model.config.model_type = "my-own-seq2seq"
+    with pytest.raises(ConfigError, match="knows no default.*linear layers: .*\\bq\\b"):
+        resolve_target_modules(model)
+    assert resolve_target_modules(model, ("q", "k")) == ("q", "k")

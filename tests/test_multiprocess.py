@@ -1,4 +1,11 @@
-"""Two CPU processes (gloo) via `accelerate launch` train like one process with the same effective batch."""
+"""Two CPU processes (gloo) train like one process with the same effective batch.
+
+The processes are started by torchrun (`python -m torch.distributed.run --standalone --nproc_per_node 2`), the
+launcher `accelerate launch` runs underneath, with ACCELERATE_USE_CPU so Accelerate joins them over gloo on CPU,
+as `accelerate launch --multi_cpu` does. No `accelerate config` file is needed, so the test runs on a clean
+machine. Both runs use the CPU fast paths, clipping inside the optimizer step included (DDP keeps whole gradients
+on every process), so their agreement covers those paths under DDP too.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ def test_two_processes_match_one_with_the_same_effective_batch(tiny_model_dir: P
     assert one["samples_seen"] == two["samples_seen"] == 6 * 8
     run_summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
     assert run_summary["processes"] == 2 and run_summary["effective_batch_size"] == 8
+    assert "clip_in_step" in run_summary["fast_paths"]["used"]
     # The same examples per step: the losses agree up to how the token mean is split across processes.
     loss_one = [r["loss"] for r in _rows(tmp_path / "one") if r["split"] == "train"]
     loss_two = [r["loss"] for r in _rows(tmp_path / "two") if r["split"] == "train"]

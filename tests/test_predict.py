@@ -10,7 +10,7 @@ import torch
 from conftest import synthetic_copy_examples
 from t5qa.config import EncodeConfig, GenerateConfig
 from t5qa.errors import ConfigError, DataError, ModelError
-from t5qa.predict import Answer, Predictor, _Item, default_answer_tokens
+from t5qa.predict import Answer, Predictor, _Item, default_max_new_tokens
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_batch_keeps_input_order_and_equals_one_at_a_time(predictor, pairs):
 
 def test_batches_are_sorted_by_length(predictor, pairs):
     """Sorting puts similar lengths together: less padding than batching in input order."""
-    sorted_pred = Predictor(predictor.model, predictor.tokenizer, predictor.encode,
+    sorted_pred = Predictor(predictor.model, predictor.tokenizer, predictor.encode_config,
                             GenerateConfig(batch_size=3, max_new_tokens=2))
     sorted_pred.answer_many(pairs)
     lengths = [len(predictor.tokenizer(f"question: {q} context: {c}").input_ids) for c, q in pairs]
@@ -118,16 +118,16 @@ def test_default_answer_length_comes_from_the_model(tiny_model_dir, caplog, monk
     monkeypatch.setattr(predictor.model, "generate", spy)
     predictor.answer("the code is kilo .", "what is the code?")
     assert seen["max_new_tokens"] == 4
-    assert default_answer_tokens({"max_target_tokens": 24}) == 24
+    assert default_max_new_tokens({"max_target_tokens": 24}) == 24
     with caplog.at_level(logging.INFO, logger="t5qa.predict"):
-        assert default_answer_tokens({}) == 32
+        assert default_max_new_tokens({}) == 32
     assert "--max-new-tokens" in caplog.text
 
 
 def test_stride_and_template_come_from_the_model(tiny_model_dir):
     predictor = Predictor.from_pretrained(tiny_model_dir, stride_tokens=5)
-    assert predictor.encode.max_source_tokens == 128 and predictor.encode.stride_tokens == 5
-    assert predictor.encode.prompt_template == "question: {question} context: {context}"
+    assert predictor.encode_config.max_source_tokens == 128 and predictor.encode_config.stride_tokens == 5
+    assert predictor.encode_config.prompt_template == "question: {question} context: {context}"
 
 
 def _long_context(n_facts: int = 4) -> str:
@@ -154,10 +154,10 @@ def test_best_window_wins_and_empty_loses(predictor, monkeypatch):
     context = _long_context()
     plans = {}
 
-    def fake_run(batch: list[_Item], gen: GenerateConfig):
+    def fake_run(batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats):
         return [plans[item.window.window_index] for item in batch]
 
-    monkeypatch.setattr(small, "_run_torch", fake_run)
+    monkeypatch.setattr(small._runner, "run", fake_run)
     n = len(small._encode([(context, "q?")]))
     assert n >= 3
     # The most confident window says "" (no answer here): a non-empty answer must win.
@@ -191,3 +191,12 @@ def test_model_mode_is_restored(predictor, pairs):
         assert predictor.model.training
     finally:
         predictor.model.eval()
+
+
+def test_a_shorter_input_brings_its_own_window_overlap(tiny_model_dir):
+    # The saved overlap (32 at 128 tokens) would not fit 40 tokens: like training, the overlap follows the input
+    # length (a quarter of it) unless it is given too.
+    assert Predictor.from_pretrained(tiny_model_dir, max_source_tokens=40).encode_config.stride_tokens == 10
+    both = Predictor.from_pretrained(tiny_model_dir, max_source_tokens=40, stride_tokens=3)
+    assert both.encode_config.stride_tokens == 3
+    assert Predictor.from_pretrained(tiny_model_dir).encode_config.stride_tokens == 32

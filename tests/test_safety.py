@@ -112,41 +112,19 @@ def test_predict_cli_refuses_pickled_weights_and_allows_them_with_the_flag(
 ])
 def test_other_commands_refuse_pickled_weights(pickled_model_dir: Path, tmp_path: Path, command: list[str],
                                                capsys: pytest.CaptureFixture[str],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               request: pytest.FixtureRequest) -> None:
     from t5qa.cli import build_parser
 
     if command[0] not in build_parser()._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
         pytest.skip(f"`t5qa {command[0]}` is not registered in this build")
     if command[0] == "serve":
-        pytest.importorskip("uvicorn")
-        _serve_without_listening(monkeypatch)
+        request.getfixturevalue("fake_uvicorn")
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"id": "1", "context": CONTEXT, "question": QUESTION, "answers": ["oslo"]}) + "\n")
     argv = [a.replace("DATA", str(data)) for a in command] + ["--model", str(pickled_model_dir)]
     code, _, err = _cli(argv, capsys)
     assert code == 2, (code, err[-2000:])
     assert "pickle" in err and "Traceback" not in err
-
-
-def _serve_without_listening(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Make `t5qa serve` run the app's start-up and shut-down without opening a socket; returns the configs."""
-    import uvicorn
-    from fastapi.testclient import TestClient
-
-    seen: list[Any] = []
-
-    def run(self: Any, sockets: Any = None) -> None:
-        seen.append(self.config)
-        try:
-            with TestClient(self.config.app) as client:
-                self.started = True
-                response = client.get("/health")
-                seen.append({"status": response.status_code, "body": response.json()})
-        except Exception:  # noqa: BLE001 - a start-up failure is reported by the serve command itself
-            pass
-
-    monkeypatch.setattr(uvicorn.Server, "run", run)
-    return seen
 
 
 # ---------------------------------------------------------------------------------------- trust_remote_code
@@ -223,22 +201,11 @@ def test_remote_code_in_a_model_directory_is_not_run(tiny_model_dir: Path, tmp_p
 # ------------------------------------------------------------------------------------------------- server
 
 
-def test_serve_binds_to_localhost_by_default() -> None:
-    from t5qa.cli import build_parser
-
-    args = build_parser().parse_args(["serve", "--model", "m"])
-    assert args.host == "127.0.0.1"
-
-
-def test_serve_warns_when_exposed_without_a_key(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("uvicorn")
-    monkeypatch.delenv("T5QA_API_KEY", raising=False)
-    seen = _serve_without_listening(monkeypatch)
-    code, _, err = _cli(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"], capsys)
+def test_serve_binds_to_localhost_by_default(tiny_model_dir: Path, fake_uvicorn: Any,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(["serve", "--model", str(tiny_model_dir)], capsys)
     assert code == 0, err
-    assert "warning" in err.lower() and "api key" in err.lower()
-    assert seen[0].host == "0.0.0.0"
+    assert fake_uvicorn.configs[0].host == "127.0.0.1" and "warning" not in err.lower()
 
 
 @pytest.fixture()
@@ -297,16 +264,14 @@ def test_api_key_sent_in_the_query_string_is_refused_and_not_logged(keyed_server
 
 def test_api_key_from_the_environment_is_not_logged_by_the_serve_command(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
-    pytest.importorskip("uvicorn")
+        caplog: pytest.LogCaptureFixture, fake_uvicorn: Any) -> None:
     monkeypatch.setenv("T5QA_API_KEY", KEY)
     caplog.set_level(logging.DEBUG)
-    seen = _serve_without_listening(monkeypatch)
     code, out, err = _cli(["-v", "serve", "--model", str(tiny_model_dir)], capsys)
     assert code == 0, err
-    assert seen[1]["status"] == 401  # the key from the environment is in force
+    assert fake_uvicorn.health[0]["status"] == 401  # the key from the environment is in force
     assert KEY not in out and KEY not in err and KEY not in caplog.text
-    assert KEY not in json.dumps(seen[1])
+    assert KEY not in json.dumps(fake_uvicorn.health[0])
 
 
 # ------------------------------------------------------------------------------------------- static scan
@@ -446,9 +411,9 @@ def test_server_does_not_serve_files_outside_its_static_folder(tiny_model_dir: P
     from t5qa.predict import Predictor
     from t5qa.serve import create_app
 
-    secret = (PACKAGE / "serve.py").read_text(encoding="utf-8")[:200]
+    secret = (PACKAGE / "train.py").read_text(encoding="utf-8")[:200]
     with TestClient(create_app(Predictor.from_pretrained(tiny_model_dir))) as client:
-        for path in ("/static/../serve.py", "/static/..%2fserve.py", "/static/%2e%2e/serve.py",
+        for path in ("/static/../train.py", "/static/..%2ftrain.py", "/static/%2e%2e/train.py",
                      "/static/..%2f..%2fpyproject.toml", "/static//etc/passwd", "/static/%2fetc%2fpasswd"):
             response = client.get(path)
             assert response.status_code in (400, 404), (path, response.status_code)

@@ -21,7 +21,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from conftest import running_server
-from t5qa.config import GenerateConfig, ServeLimits  # noqa: E402
+from t5qa.config import GenerateConfig, ServeConfig, ServeLimits  # noqa: E402
 from t5qa.predict import Answer, Predictor  # noqa: E402
 from t5qa.serve import STATIC_DIR, create_app, create_app_from_dir  # noqa: E402
 
@@ -44,9 +44,9 @@ def predictor(model_dir: Path) -> Predictor:
 
 @pytest.fixture()
 def client(predictor: Predictor) -> Iterator[TestClient]:
-    with TestClient(create_app(predictor, limits=ServeLimits(max_pairs_per_request=4, max_context_chars=500,
-                                                             max_question_chars=50, max_request_bytes=4000,
-                                                             max_num_beams=4, max_new_tokens_cap=8))) as c:
+    limits = ServeLimits(max_pairs_per_request=4, max_context_chars=500, max_question_chars=50,
+                         max_request_bytes=4000, max_num_beams=4, max_new_tokens_cap=8)
+    with TestClient(create_app(predictor, config=ServeConfig(limits=limits))) as c:
         yield c
 
 
@@ -242,7 +242,7 @@ async def _post_all(app: Any, bodies: list[dict], headers: dict | None = None) -
 
 def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
     fake = FakePredictor(delay_s=0.05, fail_on="boom")
-    app = create_app(fake, max_batch_size=16, max_wait_ms=50)
+    app = create_app(fake, config=ServeConfig(max_batch_size=16, max_wait_ms=50))
     bodies = [{"context": "c", "question": f"q{i}"} for i in range(5)] + [{"context": "c", "question": "boom"}]
     responses = asyncio.run(_post_all(app, bodies))
     assert [r.status_code for r in responses] == [200] * 5 + [500]
@@ -254,7 +254,7 @@ def test_a_failing_request_does_not_fail_its_batch_mates() -> None:
 
 def test_concurrent_requests_share_model_calls() -> None:
     fake = FakePredictor(delay_s=0.1)
-    app = create_app(fake, max_batch_size=32, max_wait_ms=20)
+    app = create_app(fake, config=ServeConfig(max_batch_size=32, max_wait_ms=20))
     bodies = [{"context": "c", "question": f"q{i}"} for i in range(16)]
     started = time.perf_counter()
     responses = asyncio.run(_post_all(app, bodies))
@@ -271,7 +271,7 @@ def test_concurrent_requests_share_model_calls() -> None:
 
 def test_batches_respect_max_batch_size() -> None:
     fake = FakePredictor(delay_s=0.05)
-    app = create_app(fake, max_batch_size=4, max_wait_ms=50)
+    app = create_app(fake, config=ServeConfig(max_batch_size=4, max_wait_ms=50))
     responses = asyncio.run(_post_all(app, [{"context": "c", "question": f"q{i}"} for i in range(12)]))
     assert all(r.status_code == 200 for r in responses)
     sizes = [n for n, _ in fake.calls]
@@ -280,7 +280,7 @@ def test_batches_respect_max_batch_size() -> None:
 
 def test_different_generation_options_are_never_mixed() -> None:
     fake = FakePredictor(delay_s=0.05)
-    app = create_app(fake, max_batch_size=32, max_wait_ms=50)
+    app = create_app(fake, config=ServeConfig(max_batch_size=32, max_wait_ms=50))
     bodies = [{"context": "c", "question": f"q{i}", "num_beams": 1 + i % 2} for i in range(16)]
     responses = asyncio.run(_post_all(app, bodies))
     assert [r.json()["answer"]["text"] for r in responses] == [f"q{i}|{1 + i % 2}" for i in range(16)]
@@ -394,31 +394,17 @@ def test_serve_command_rejects_a_missing_model(tmp_path: Path, capsys: pytest.Ca
     assert len(err) == 1 and "no such model directory" in err[0] and "--model" in err[0]
 
 
-@pytest.fixture()
-def fake_uvicorn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """Replace uvicorn.Server.run; records the Config the command built."""
-    import uvicorn
-
-    seen: list[Any] = []
-
-    def run(self: Any, sockets: Any = None) -> None:
-        seen.append(self.config)
-        self.started = True
-
-    monkeypatch.setattr(uvicorn.Server, "run", run)
-    return seen
-
-
-def test_serve_command_builds_the_app_from_flags(tiny_model_dir: Path, fake_uvicorn: list[Any],
+def test_serve_command_builds_the_app_from_flags(tiny_model_dir: Path, fake_uvicorn: Any,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture) -> None:
     from t5qa.cli import main
 
     monkeypatch.delenv("T5QA_API_KEY", raising=False)
+    fake_uvicorn.start_app = False  # to see the app as the command built it, before start-up
     code = main(["serve", "--model", str(tiny_model_dir), "--port", "8123", "--max-batch-size", "8",
                  "--max-wait-ms", "2", "--max-pairs-per-request", "5", "--num-beams", "2"])
     assert code == 0
-    config = fake_uvicorn[0]
+    config = fake_uvicorn.configs[0]
     assert (config.host, config.port) == ("127.0.0.1", 8123)
     state = config.app.state.t5qa
     assert state.limits.max_pairs_per_request == 5
@@ -427,19 +413,21 @@ def test_serve_command_builds_the_app_from_flags(tiny_model_dir: Path, fake_uvic
     assert "warning" not in capsys.readouterr().err
 
 
-def test_serve_command_warns_on_a_public_host_without_a_key(tiny_model_dir: Path, fake_uvicorn: list[Any],
+def test_serve_command_warns_on_a_public_host_without_a_key(tiny_model_dir: Path, fake_uvicorn: Any,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture) -> None:
     from t5qa.cli import main
 
     monkeypatch.delenv("T5QA_API_KEY", raising=False)
+    fake_uvicorn.start_app = False  # the app is started below, by the TestClient
     assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
     assert "without an API key" in capsys.readouterr().err
     # With the key from the environment: no warning, and the key is enforced.
     monkeypatch.setenv("T5QA_API_KEY", KEY)
     assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
     assert "without an API key" not in capsys.readouterr().err
-    with TestClient(fake_uvicorn[-1].app) as c:
+    assert fake_uvicorn.configs[-1].host == "0.0.0.0"
+    with TestClient(fake_uvicorn.configs[-1].app) as c:
         assert c.get("/health").status_code == 401
         assert c.get("/health", headers={"X-API-Key": KEY}).status_code == 200
 

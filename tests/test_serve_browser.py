@@ -99,10 +99,11 @@ def test_page_shows_markup_as_text(browser: Any) -> None:
 
 
 def test_page_shows_errors_readably(browser: Any, predictor: Any) -> None:
-    from t5qa.config import ServeLimits
+    from t5qa.config import ServeConfig, ServeLimits
     from t5qa.serve import create_app
 
-    with running_server(create_app(predictor, limits=ServeLimits(max_question_chars=20))) as base:
+    with running_server(create_app(predictor, config=ServeConfig(limits=ServeLimits(max_question_chars=20)))) \
+            as base:
         page = browser.new_page()
         page.goto(base + "/")
         _ask(page, CONTEXT, "a question that is far too long for this server")

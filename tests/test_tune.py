@@ -320,15 +320,15 @@ def test_a_search_whose_trials_all_fail_stops(tmp_path):
 
 def test_loss_is_minimised_and_a_study_keeps_its_direction(tmp_path):
     out = tmp_path / "search"
-    result = run_search(_base(tmp_path), trials=3, output=out, train_fn=fake_fit, metric="loss")
+    result = run_search(_base(tmp_path), trials=3, output=out, train_fn=fake_fit, metric_for_best="loss")
     values = [float(r["value"]) for r in _rows(out / "trials.csv") if r["state"] == "COMPLETE"]
     assert result.best_value == pytest.approx(min(values))
     with pytest.raises(ConfigError, match="--study-name"):
-        run_search(_base(tmp_path), trials=4, output=out, train_fn=fake_fit, metric="f1")
+        run_search(_base(tmp_path), trials=4, output=out, train_fn=fake_fit, metric_for_best="f1")
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"metric": "bleu"}, "--metric-for-best must be one of"),
+    ({"metric_for_best": "bleu"}, "--metric-for-best must be one of"),
     ({"trials": 0}, "--trials must be at least 1"),
     ({"storage": "study.db"}, "--storage must be a database URL"),
 ])
@@ -411,3 +411,14 @@ def test_two_tune_processes_share_one_sqlite_study(tiny_model_dir, tune_data):
     counted = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(counted) == 3
     assert len({t.number for t in trials}) == len(trials)
+
+
+def test_the_search_settings_have_one_home(tmp_path):
+    from t5qa.config import TuneConfig
+
+    with pytest.raises(ConfigError, match="--trials and --output are required"):
+        TuneConfig()
+    search = TuneConfig(trials=2, output=str(tmp_path / "s"), metric_for_best="loss")
+    result = run_search(_base(tmp_path), search, train_fn=fake_fit)
+    assert result.n_complete + result.n_pruned == 2
+    assert (tmp_path / "s" / "study.db").is_file()

@@ -38,7 +38,7 @@ keeping = common.start_t5qa_experiment()
 import torch  # noqa: E402
 
 from t5qa.config import EncodeConfig, TrainConfig  # noqa: E402
-from t5qa.fastpath import FastLinear  # noqa: E402
+from t5qa.fastpath.linear import FastLinear  # noqa: E402
 from t5qa.train import clip_gradients, setup  # noqa: E402
 
 cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE),
@@ -75,7 +75,7 @@ def onednn_forward() -> Callable[[bool], None]:
 
 
 def onednn_input_grad() -> Callable[[bool], None]:
-    from t5qa import fastpath
+    from t5qa.fastpath import linear as fastpath
 
     threshold = fastpath._INPUT_GRAD_ONEDNN_MIN_ROWS
 
@@ -95,7 +95,7 @@ def fast_norm() -> Callable[[bool], None]:
 
 
 def dropped_product() -> Callable[[bool], None]:
-    from t5qa import fastpath
+    from t5qa.fastpath import dropout as fastpath
 
     fused = fastpath.dropped_product
 

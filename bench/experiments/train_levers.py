@@ -3,7 +3,7 @@ from other jobs hits every variant alike. Prints one JSON object per lever with 
 
 Levers: AdamW implementation (for-loop / foreach / fused), attention kernel (sdpa / eager), dropout on/off
 (changes the model: informational), t5qa's fast dropout against PyTorch's, glibc keeping freed memory
-(t5qa.fastpath.keep_freed_memory, switched on and off between rounds), torch.compile of the model; and three
+(t5qa.fastpath.allocator.keep_freed_memory, switched on and off between rounds), torch.compile of the model; and three
 parts of the fast dropout: the mask's conversion to float (bool against its uint8 view), drawing the random bits on
 two threads instead of one, and sparse gradients for the tied embedding; and t5qa's FastLinear (oneDNN's fp32
 product, `torch.ops.mkldnn._linear_pointwise`, for every linear layer's forward pass) against nn.Linear (MKL).
@@ -97,7 +97,7 @@ def main() -> None:
         del on, off
 
     if "fast_dropout" in levers:
-        from t5qa.fastpath import use_fast_dropout
+        from t5qa.fastpath.dropout import enable as use_fast_dropout
 
         torch_dropout, fast, off = load(), load(), load(dropout_rate=0.0)
         use_fast_dropout(fast)
@@ -109,7 +109,8 @@ def main() -> None:
     if "allocator" in levers:
         import resource
 
-        from t5qa.fastpath import _glibc, keep_freed_memory, use_fast_dropout
+        from t5qa.fastpath.allocator import _glibc, keep_freed_memory
+        from t5qa.fastpath.dropout import enable as use_fast_dropout
 
         if _glibc() is None:
             print(json.dumps({"lever": "allocator", "skipped": "not glibc"}), flush=True)
@@ -142,7 +143,7 @@ def main() -> None:
             del model, optimizer
 
     if "mask_convert" in levers:
-        from t5qa.fastpath import _as_float, keep_mask
+        from t5qa.fastpath.dropout import _as_float, keep_mask
 
         x = torch.rand(8, 8, 300, 300)  # attention weights of 8 x 300 tokens: 5.8M elements
         mask = keep_mask(x.shape, 0.1)
@@ -185,7 +186,7 @@ def main() -> None:
         pool.shutdown()
 
     if "tied_grads" in levers:
-        from t5qa.fastpath import use_fast_dropout
+        from t5qa.fastpath.dropout import enable as use_fast_dropout
 
         model = load()
         use_fast_dropout(model)
@@ -203,7 +204,7 @@ def main() -> None:
                 optimizer.zero_grad(set_to_none=True)
             return fn
 
-        from t5qa.fastpath import keep_freed_memory
+        from t5qa.fastpath.allocator import keep_freed_memory
 
         with keep_freed_memory():  # as fit() runs
             res = median_time({"dense": step_with(False), "sparse_lookup_gradients": step_with(True)},
@@ -213,7 +214,8 @@ def main() -> None:
         del model, optimizer
 
     if "onednn_linear" in levers:
-        from t5qa.fastpath import FastLinear, use_fast_dropout, use_fast_linear
+        from t5qa.fastpath.dropout import enable as use_fast_dropout
+        from t5qa.fastpath.linear import FastLinear, enable as use_fast_linear
 
         model = load()
         use_fast_dropout(model)

@@ -29,6 +29,15 @@ from t5qa.rundir import CHECKPOINTS_DIR, CONFIG_FILE, write_json
 
 logger = logging.getLogger(__name__)
 
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops Accelerate's "Removed shared tensor {...} while saving ... check that you don't receive any warning
+    while reloading" on every checkpoint: those are a T5's tied embeddings and output layer, saved once and tied
+    again on load (tests/test_resume.py resumes bit for bit from such checkpoints). Other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
 CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a checkpoint without it is incomplete
 TRAINER_STATE_FILE = "trainer_state.json"
 SCHEDULER_FILE = "scheduler.pt"
@@ -117,7 +126,12 @@ def _save(accelerator: Any, root: Path, step: int, scheduler: Any, trainer_state
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)  # model, optimizer (FSDP/DeepSpeed aware)
+    note, accelerate_logger = _TiedWeightsNote(), logging.getLogger("accelerate.utils.other")
+    accelerate_logger.addFilter(note)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)  # model, optimizer (FSDP/DeepSpeed aware)
+    finally:
+        accelerate_logger.removeFilter(note)
     torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -122,7 +122,8 @@ class GenerateConfig:
     no_repeat_ngram_size: int = 0
     """Forbid repeating n-grams of this size (0: off)."""
     batch_size: int = 32
-    """Questions answered per forward pass."""
+    """Questions (or windows) per forward pass when answering: in predict, serve, evaluate and training's
+    evaluation."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -165,6 +166,71 @@ class ServeLimits:
 
 
 @dataclass
+class ServeConfig:
+    """How `t5qa serve` listens and batches; `limits` says what one request may ask for."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 is every interface (then set an API key)."""
+    port: int = 8000
+    """TCP port."""
+    max_batch_size: int = 32
+    """Most pairs answered in one model call."""
+    max_wait_ms: float = 5.0
+    """How long a request waits for others to share its batch, in ms."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.port <= 65535:
+            problems.append(f"--port must be in 1..65535, got {self.port}")
+        if self.max_batch_size < 1:
+            problems.append(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if not self.max_wait_ms >= 0:
+            problems.append(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        _raise_all(problems)
+
+
+@dataclass
+class TuneConfig:
+    """How `t5qa tune` searches: how many trials, where the study lives, what it optimises."""
+
+    trials: int | None = None
+    """Trials to reach in the study (complete + pruned, over every worker); required."""
+    output: str | None = None
+    """Search directory: study.db, trial-NNNN/ runs, trials.csv, best_config.yaml, plots; required."""
+    storage: str | None = None
+    """Database URL of the study (default sqlite:///OUTPUT/study.db); e.g. postgresql://user:pass@host/db to
+    search from several machines."""
+    metric_for_best: str = "f1"
+    """Validation metric to optimise (loss is minimised, the others maximised)."""
+    study_name: str = "t5qa"
+    """Name of the study in the storage."""
+    heartbeat_interval_s: int = 20
+    """Seconds between a running trial's heartbeats."""
+    grace_period_s: int = 60
+    """A running trial without a heartbeat for this long was killed: it is failed and retried."""
+    pruner_startup_trials: int = 3
+    """Trials that finish before the median pruner may prune."""
+    pruner_warmup_evaluations: int = 1
+    """Evaluations of a trial before it may be pruned."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.trials is None or self.output is None:
+            problems.append("--trials and --output are required (how many trials, and the search directory)")
+        elif self.trials < 1:
+            problems.append(f"--trials must be at least 1, got {self.trials}")
+        if self.metric_for_best not in METRICS:
+            problems.append(f"--metric-for-best must be one of {', '.join(METRICS)}, got {self.metric_for_best!r}")
+        if self.heartbeat_interval_s < 1 or self.grace_period_s <= self.heartbeat_interval_s:
+            problems.append("the grace period must exceed the heartbeat interval (both in whole seconds)")
+        if self.storage is not None and "://" not in self.storage:
+            problems.append(f"--storage must be a database URL such as sqlite:///path/study.db or "
+                            f"postgresql://user@host/db, got {self.storage!r}")
+        _raise_all(problems)
+
+
+@dataclass
 class TrainConfig:
     """Everything one training run needs. YAML files use these names as keys; flags use them with dashes."""
 
@@ -185,8 +251,6 @@ class TrainConfig:
     # optimisation
     train_batch_size: int = 8
     """Examples per micro-batch per process."""
-    eval_batch_size: int = 32
-    """Examples per evaluation batch."""
     epochs: float = 3.0
     """Passes over the training data (ignored when max_steps is set)."""
     max_steps: int | None = None
@@ -264,12 +328,13 @@ class TrainConfig:
     """LoRA scaling numerator."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA path."""
-    lora_target_modules: tuple[str, ...] = ("q", "v")
-    """Module names that get adapters (T5 attention query and value by default)."""
+    lora_target_modules: tuple[str, ...] = ()
+    """Module names that get adapters; empty: the model type's attention query and value projections (q,v in
+    the T5 family, q_proj,v_proj in BART and its kin)."""
 
     def __post_init__(self) -> None:
         problems = []
-        positive = ("train_batch_size", "eval_batch_size", "gradient_accumulation_steps", "log_every_steps")
+        positive = ("train_batch_size", "gradient_accumulation_steps", "log_every_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 problems.append(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
@@ -317,6 +382,10 @@ def _raise_all(problems: list[str]) -> None:
 T = TypeVar("T")
 
 
+# Keys of earlier t5qa versions, read under their current names (config.yaml of older run directories resumes).
+_RENAMED_KEYS = {"eval_batch_size": "batch_size"}
+
+
 def from_dict(cls: type[T], values: dict[str, Any], *, source: str = "config") -> T:
     """Build a config dataclass from a (possibly nested) dict, reporting every unknown key at once.
 
@@ -342,6 +411,7 @@ def from_dict(cls: type[T], values: dict[str, Any], *, source: str = "config") -
     unknown = []
     for key, value in values.items():
         key = key.replace("-", "_")
+        key = _RENAMED_KEYS.get(key, key)
         if key in nested and isinstance(value, dict):
             sub_values[key].update(value)
         elif key in own and key not in nested:

@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from t5qa.api import load_predictor, train
 from t5qa.config import DataConfig, GenerateConfig, load_train_config
 from t5qa.data import load_dataset, sample_data_path, split_examples, write_jsonl
 from t5qa.errors import DataError, ModelError
 from t5qa.evaluate import evaluate_model
 from t5qa.modeling import init_model, load_model
-from t5qa.predict import Predictor
-from t5qa.train import fit
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +112,15 @@ def run_demo(output: str | Path, *, lang: str = "en", offline: bool = False, max
                          stride_tokens=language.max_source_tokens // 4)
     cfg = load_train_config(None, **common, **overrides, max_steps=steps,
                             eval_every_steps=max(1, steps // 2), keep_checkpoints=1)
-    result = fit(cfg, progress=progress)
+    result = train(cfg, progress=progress)
 
     # A from-scratch model scores 0 on held-out contexts at every evaluation, so "best" is just the first one;
     # the last model is the one that trained longest.
     model_dir = result.best_dir if pretrained else result.last_dir
-    predictor = Predictor.from_pretrained(model_dir, generate=GenerateConfig())
+    predictor = load_predictor(model_dir, generate=GenerateConfig())
     model, tokenizer = predictor.model, predictor.tokenizer
     test = evaluate_model(model, tokenizer, splits["test"], cfg.encode, GenerateConfig(
-        max_new_tokens=predictor.max_new_tokens()), batch_size=cfg.eval_batch_size)
+        max_new_tokens=predictor.max_new_tokens()), batch_size=cfg.generate.batch_size)
     example = next(e for e in examples if e.question == language.question)
     question_split = next(name for name, part in splits.items() if any(e.id == example.id for e in part))
     answer = predictor.answer(example.context, example.question)

@@ -7,17 +7,17 @@ Shapes: a feature is one model input, {"input_ids": list[int] (<= max_source_tok
 
 from __future__ import annotations
 
-import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from t5qa.config import NO_ANSWER_TEXT, EncodeConfig
 from t5qa.data import QAExample
 
-logger = logging.getLogger(__name__)
 
 # Tokens kept free in each window's budget, because a context slice tokenised inside the prompt can take a
 # token or two more than the same slice tokenised alone (word-boundary pieces).
@@ -166,7 +166,7 @@ class EncodeStats:
 
     examples: int = 0
     needed_window: int = 0
-    """Examples whose prompt was longer than max_source_tokens (trained on the window holding the answer)."""
+    """Examples whose prompt was longer than max_source_tokens (cut to the window holding the answer)."""
     answer_outside_every_window: int = 0
     """Answerable examples whose answer lies in no window (answer not found in the context)."""
     truncated_targets: int = 0
@@ -187,7 +187,8 @@ def _answer_span(example: QAExample) -> tuple[int, int] | None:
 def encode_for_training(
     examples: Sequence[QAExample], tokenizer: Any, cfg: EncodeConfig
 ) -> tuple[list[dict[str, Any]], EncodeStats]:
-    """One training feature per example; a long context is cut to the window that holds the answer.
+    """One teacher-forced feature per example (for training, and for the validation loss); a long context is cut
+    to the window that holds the answer.
 
     Tokenises in batches (the fast tokenizer's Rust loop) and only re-tokenises the long contexts.
     """
@@ -205,10 +206,7 @@ def encode_for_training(
             stats.truncated_targets += 1
             tgt = list(tgt[: cfg.max_target_tokens - 1]) + [tokenizer.eos_token_id]
         features.append({"input_ids": list(src), "labels": list(tgt), "example_index": index})
-    if stats.needed_window:
-        logger.info("%d of %d examples exceeded %d source tokens; trained on the window holding the answer",
-                    stats.needed_window, stats.examples, cfg.max_source_tokens)
-    return features, stats
+    return features, stats  # the callers say what the windows mean for them (training, or validation loss)
 
 
 def _window_holding_answer(ex: QAExample, tokenizer: Any, cfg: EncodeConfig, stats: EncodeStats) -> list[int]:
@@ -229,6 +227,19 @@ def _window_holding_answer(ex: QAExample, tokenizer: Any, cfg: EncodeConfig, sta
     return tokenizer(source, truncation=True, max_length=cfg.max_source_tokens)["input_ids"]
 
 
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (batch, length): the token id lists padded on the right with `pad_id` to
+    `length` (default: the longest). The one padding routine of training batches and of the Predictor."""
+    length = max(len(s) for s in sequences) if length is None else length
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
 def make_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> Callable[[list[dict]], dict]:
     """A collate function with dynamic padding: pad to the longest sequence in the batch, labels with -100.
 
@@ -244,14 +255,9 @@ def make_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> C
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(features)
-        source_len = round_up(max(len(f["input_ids"]) for f in features))
-        input_ids = torch.full((batch_size, source_len), pad_id, dtype=torch.long)  # (batch, source_len)
-        attention_mask = torch.zeros((batch_size, source_len), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        sources = [f["input_ids"] for f in features]
+        input_ids, attention_mask = pad_batch(sources, pad_id, round_up(max(len(s) for s in sources)))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}  # (batch, source_len) each
         if "labels" in features[0]:
             target_len = round_up(max(len(f["labels"]) for f in features))
             labels = torch.full((batch_size, target_len), -100, dtype=torch.long)  # (batch, target_len)
@@ -335,3 +341,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
         batches.sort(key=lambda b: len(b) < self.batch_size)
         for batch in batches:
             yield from batch
+
+
+def answer_length_p99(features: list[dict[str, Any]]) -> int:
+    """99th percentile of the training answers' token lengths, + 1 for </s>: the default max_new_tokens."""
+    # labels end with </s>, so len(labels) - 1 answer tokens
+    lengths = [len(f["labels"]) - 1 for f in features] or [0]
+    return int(math.ceil(float(np.percentile(lengths, 99)))) + 1

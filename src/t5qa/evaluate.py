@@ -132,7 +132,11 @@ def _teacher_forced(
 
     if not examples:
         return 0.0, 0, 0
-    features, _ = encode_for_training(examples, tokenizer, encode)
+    features, stats = encode_for_training(examples, tokenizer, encode)
+    if stats.needed_window:
+        logger.info("%d of %d evaluated examples exceed %d input tokens: their loss and token accuracy are computed "
+                    "on the window holding the answer; their answers are generated over every window",
+                    stats.needed_window, stats.examples, encode.max_source_tokens)
     collate = make_collator(tokenizer)
     order = sorted(range(len(features)), key=lambda i: -len(features[i]["input_ids"]))
     device = next(model.parameters()).device

@@ -11,14 +11,12 @@ tokenizer and t5qa.json. `modeling.load_model` loads such a directory onto its b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from t5qa.config import TrainConfig
 from t5qa.errors import ConfigError, ModelError, require
 from t5qa.modeling import load_model, save_model
 from t5qa.rundir import MODEL_META_FILE
@@ -35,11 +33,6 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _config_default_targets() -> tuple[str, ...]:
-    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "lora_target_modules")
-    return tuple(field.default)
-
-
 def _linear_module_names(model: Any) -> list[str]:
     """The last name component of every nn.Linear in the model (the names target_modules matches)."""
     import torch
@@ -48,22 +41,26 @@ def _linear_module_names(model: Any) -> list[str]:
                    if isinstance(module, torch.nn.Linear)})
 
 
-def resolve_target_modules(model: Any, requested: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The module names to adapt: the model type's query/value projections when the user kept the default.
+def resolve_target_modules(model: Any, requested: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
+    """The module names to adapt: `requested`, or, when it is empty, the model type's query/value projections.
 
     Args:
         model: the (base) seq2seq model.
-        requested: TrainConfig.lora_target_modules.
+        requested: TrainConfig.lora_target_modules (empty: the model type's default).
     Returns:
         Module names, each matching at least one linear layer of the model.
     Raises:
-        ConfigError: a requested name matches no linear layer (the message lists the names that exist).
+        ConfigError: a requested name matches no linear layer, or nothing was requested for a model type with
+            no known default (the message lists the names that exist).
     """
     model_type = getattr(model.config, "model_type", "")
-    targets = tuple(requested)
-    if targets == _config_default_targets() and model_type in DEFAULT_TARGET_MODULES:
-        targets = DEFAULT_TARGET_MODULES[model_type]
     available = _linear_module_names(model)
+    targets = tuple(requested)
+    if not targets:
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ConfigError(f"--lora-target-modules: t5qa knows no default for a {model_type or 'model'}; name "
+                              f"the layers to adapt among its linear layers: {', '.join(available)}")
+        targets = DEFAULT_TARGET_MODULES[model_type]
     missing = [t for t in targets if t not in available]
     if missing:
         raise ConfigError(
@@ -74,12 +71,16 @@ def resolve_target_modules(model: Any, requested: tuple[str, ...] | list[str]) -
     return targets
 
 
-def apply_lora(model: Any, cfg: TrainConfig) -> Any:
+def apply_lora(model: Any, *, rank: int | None, alpha: float, dropout: float,
+               target_modules: tuple[str, ...] | list[str] = (), gradient_checkpointing: bool = False) -> Any:
     """Wrap a seq2seq model with LoRA adapters so that only the adapter weights are trainable.
 
     Args:
         model: a loaded AutoModelForSeq2SeqLM.
-        cfg: uses lora_rank, lora_alpha, lora_dropout, lora_target_modules and gradient_checkpointing.
+        rank, alpha, dropout, target_modules: the LoRA settings (TrainConfig's lora_* fields); empty
+            target_modules adapts the model type's attention query and value projections. The defaults are
+            TrainConfig's (`train` passes them), not repeated here.
+        gradient_checkpointing: whether the model recomputes activations (the embeddings then need gradients).
     Returns:
         A peft.PeftModel (task SEQ_2_SEQ_LM); base weights frozen, adapter weights trainable.
     Raises:
@@ -87,26 +88,24 @@ def apply_lora(model: Any, cfg: TrainConfig) -> Any:
         MissingExtraError: peft is not installed.
     """
     peft = require("peft", "lora", "LoRA training")
-    if cfg.lora_rank is None:
+    if rank is None:
         raise ConfigError("apply_lora needs --lora-rank (e.g. --lora-rank 8)")
-    if cfg.freeze_embeddings or cfg.freeze_encoder or cfg.freeze_layers:
-        logger.warning("--freeze-* flags have no effect with LoRA: every base weight is frozen already")
-    targets = resolve_target_modules(model, cfg.lora_target_modules)
+    targets = resolve_target_modules(model, target_modules)
     lora_config = peft.LoraConfig(
         task_type=peft.TaskType.SEQ_2_SEQ_LM,
-        r=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
         target_modules=list(targets),
     )
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         # With every base weight frozen, the embedding output needs requires_grad, or checkpointed blocks
         # would see no input that needs a gradient and back-propagate nothing.
         model.enable_input_require_grads()
     wrapped = peft.get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     total = sum(p.numel() for p in wrapped.parameters())
-    logger.info("LoRA rank %d on %s: %.2fM trainable of %.2fM parameters (%.2f%%)", cfg.lora_rank,
+    logger.info("LoRA rank %d on %s: %.2fM trainable of %.2fM parameters (%.2f%%)", rank,
                 ",".join(targets), trainable / 1e6, total / 1e6, 100.0 * trainable / max(total, 1))
     return wrapped
 

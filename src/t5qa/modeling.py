@@ -6,12 +6,14 @@ they need `allow_pickle=True`), and `trust_remote_code` stays off unless the cal
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,33 @@ def check_weights_are_safe(directory: str | os.PathLike, *, allow_pickle: bool) 
         raise ModelError(f"{path}: no model weights found (expected model.safetensors); is this a model directory?")
 
 
+# transformers 5 draws a progress bar for every load and save of a model's weights, also of a 0.1M-parameter model
+# that takes milliseconds; t5qa's own calls hide those two (the Hub's download bars stay).
+_QUIET_BARS = ("Loading weights", "Writing model shards")
+
+
+@contextlib.contextmanager
+def quiet_weight_bars() -> Iterator[None]:
+    """Within the block, transformers draws no 'Loading weights' / 'Writing model shards' bars."""
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):
+        yield
+        return
+    previous: Any = None
+
+    def hook(factory: Any, args: tuple, kwargs: dict) -> Any:
+        if kwargs.get("desc") in _QUIET_BARS:
+            return hf_logging.EmptyTqdm(*args, **kwargs)
+        return previous(factory, args, kwargs) if previous is not None else factory(*args, **kwargs)
+
+    previous = hf_logging.set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        hf_logging.set_tqdm_hook(previous)
+
+
 def load_model(
     name_or_dir: str,
     *,
@@ -177,7 +206,8 @@ def load_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name, **kwargs)
+        with quiet_weight_bars():
+            model = AutoModelForSeq2SeqLM.from_pretrained(name, **kwargs)
     except ValueError as exc:
         if "Unrecognized configuration" in str(exc) or "AutoModelForSeq2SeqLM" in str(exc):
             raise ModelError(
@@ -206,7 +236,8 @@ def _load_adapter(directory: str, *, trust_remote_code: bool, allow_pickle: bool
         raise ModelError(f"{directory}/adapter_config.json names no base_model_name_or_path")
     model, _ = load_model(base, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, dtype=dtype)
     tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
-    model = peft.PeftModel.from_pretrained(model, directory)
+    with quiet_weight_bars():
+        model = peft.PeftModel.from_pretrained(model, directory)
     model.eval()
     return model, tokenizer
 
@@ -367,7 +398,8 @@ def save_model(model: Any, tokenizer: Any, directory: str | os.PathLike, meta: d
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_weight_bars():
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MODEL_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         old = None

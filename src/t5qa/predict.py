@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from t5qa.config import EncodeConfig, GenerateConfig
-from t5qa.encode import Window, encode_windows, format_source
+from t5qa.encode import Window, encode_windows, format_source, pad_batch
 from t5qa.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
@@ -110,10 +110,11 @@ class Predictor:
         model: an AutoModelForSeq2SeqLM (None for the "ct2" backend).
         tokenizer: the model's tokenizer.
         encode: prompt template, max_source_tokens and stride_tokens used to build inputs.
-        generate: decoding settings; `max_new_tokens=None` uses `answer_tokens`.
+        generate: decoding settings; `max_new_tokens=None` uses `default_max_new_tokens`.
         backend: "torch" or "ct2".
         ct2_dir: the CTranslate2 model directory (backend "ct2").
-        answer_tokens: default answer length limit in tokens; None uses `encode.max_target_tokens`.
+        default_max_new_tokens: the answer length limit when `generate.max_new_tokens` is None; None uses
+            `encode.max_target_tokens`.
         ct2_compute_type: CTranslate2 compute type ("default" keeps the export's quantization).
     Raises:
         ConfigError: an unknown backend, or "ct2" without a directory.
@@ -128,7 +129,7 @@ class Predictor:
         backend: str = "torch",
         ct2_dir: str | os.PathLike | None = None,
         *,
-        answer_tokens: int | None = None,
+        default_max_new_tokens: int | None = None,
         ct2_compute_type: str = "default",
     ) -> None:
         if backend not in BACKENDS:
@@ -139,14 +140,14 @@ class Predictor:
             raise ConfigError("the ct2 backend needs ct2_dir, a directory written by `t5qa export --format ct2`")
         self.model = model
         self.tokenizer = tokenizer
-        self.encode = encode
-        self.generate = generate
+        self.encode_config = encode
+        self.generate_config = generate
         self.backend = backend
-        self.answer_tokens = int(answer_tokens or encode.max_target_tokens)
+        self.default_max_new_tokens = int(default_max_new_tokens or encode.max_target_tokens)
         self.stats = InferenceStats()
-        self._translator = None
-        if backend == "ct2":
-            self._translator = _load_translator(Path(ct2_dir), ct2_compute_type)  # type: ignore[arg-type]
+        self._runner: TorchBackend | CT2Backend = (
+            CT2Backend(Path(ct2_dir), tokenizer, ct2_compute_type) if backend == "ct2"  # type: ignore[arg-type]
+            else TorchBackend(model, tokenizer))
 
     # ------------------------------------------------------------------------------------------ loading
 
@@ -199,11 +200,11 @@ class Predictor:
             tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
             compute_type = str(meta.get(CT2_META_KEY, {}).get("quantization") or "default")
             return cls(None, tokenizer, encode, generate, backend="ct2", ct2_dir=path,
-                       answer_tokens=default_answer_tokens(meta), ct2_compute_type=compute_type)
+                       default_max_new_tokens=default_max_new_tokens(meta), ct2_compute_type=compute_type)
         if is_ct2:
             raise ModelError(f"{path}: this is a CTranslate2 export; answer with it using --backend ct2")
         model, tokenizer = load_model(str(directory), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, encode, generate, answer_tokens=default_answer_tokens(meta))
+        return cls(model, tokenizer, encode, generate, default_max_new_tokens=default_max_new_tokens(meta))
 
     # ---------------------------------------------------------------------------------------- answering
 
@@ -238,10 +239,7 @@ class Predictor:
             for batch_indices in batches:
                 batch = [items[i] for i in batch_indices]
                 t0 = time.perf_counter()
-                if self.backend == "ct2":
-                    results = self._run_ct2(batch, gen)
-                else:
-                    results = self._run_torch(batch, gen)
+                results = self._runner.run(batch, gen, self.max_new_tokens(gen), self.stats)
                 share = (time.perf_counter() - t0) / len(batch)
                 for item, (text, score) in zip(batch, results):
                     item.text, item.score, item.seconds = text, score, share
@@ -259,17 +257,22 @@ class Predictor:
 
     def max_new_tokens(self, gen: GenerateConfig | None = None) -> int:
         """The answer length limit in tokens that decoding uses."""
-        gen = gen or self.generate
-        return int(gen.max_new_tokens or self.answer_tokens)
+        gen = gen or self.generate_config
+        return int(gen.max_new_tokens or max(self.default_max_new_tokens, gen.min_new_tokens, 1))
+
+    def generate_settings(self) -> GenerateConfig:
+        """`generate_config` with max_new_tokens filled in: the one place the model's default answer length is
+        applied (evaluate and the server use it too)."""
+        return dataclasses.replace(self.generate_config, max_new_tokens=self.max_new_tokens())
 
     def _generate_config(self, overrides: dict[str, Any]) -> GenerateConfig:
         if not overrides:
-            return self.generate
+            return self.generate_config
         known = {f.name for f in dataclasses.fields(GenerateConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ConfigError(f"unknown generation setting(s) {', '.join(unknown)}; use {', '.join(sorted(known))}")
-        return dataclasses.replace(self.generate, **{k: v for k, v in overrides.items() if v is not None})
+        return dataclasses.replace(self.generate_config, **{k: v for k, v in overrides.items() if v is not None})
 
     def _encode(self, pairs: Sequence[tuple[str, str]]) -> list[_Item]:
         """Tokenise all prompts in one call; only the prompts that are too long are cut into windows."""
@@ -282,7 +285,7 @@ class Predictor:
                                     "question")
         # Lone UTF-16 surrogates (JSON escapes such as "\ud800") cannot be tokenised; U+FFFD keeps every offset.
         pairs = [(_LONE_SURROGATE.sub("\ufffd", c), _LONE_SURROGATE.sub("\ufffd", q)) for c, q in pairs]
-        cfg = self.encode
+        cfg = self.encode_config
         sources = [format_source(cfg.prompt_template, question, context) for context, question in pairs]
         ids = self.tokenizer(sources)["input_ids"] if sources else []
         items: list[_Item] = []
@@ -293,27 +296,33 @@ class Predictor:
                 items.extend(_Item(index, w) for w in encode_windows(self.tokenizer, question, context, cfg))
         return items
 
-    # ------------------------------------------------------------------------------------------ backends
 
-    def _run_torch(self, batch: list[_Item], gen: GenerateConfig) -> list[tuple[str, float]]:
+# ------------------------------------------------------------------------------------------------ backends
+# What runs one batch of windows: (text, mean log-probability per token) for each.
+
+
+class TorchBackend:
+    """transformers' `generate` on the model (greedy or beam search), in eval mode and inference mode."""
+
+    name = "torch"
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats
+            ) -> list[tuple[str, float]]:
         import torch
 
         model = self.model
         device = _model_device(model)
         pad_id = self.tokenizer.pad_token_id
-        longest = max(len(item.window.input_ids) for item in batch)
-        input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)  # (batch, source_len)
-        attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, item in enumerate(batch):
-            n = len(item.window.input_ids)
-            input_ids[row, :n] = torch.as_tensor(item.window.input_ids, dtype=torch.long)
-            attention_mask[row, :n] = 1
-        self.stats.real_tokens += int(attention_mask.sum())
-        self.stats.padded_tokens += input_ids.numel()
+        input_ids, attention_mask = pad_batch([item.window.input_ids for item in batch], pad_id)  # (batch, len)
+        stats.real_tokens += int(attention_mask.sum())
+        stats.padded_tokens += input_ids.numel()
 
         greedy = gen.num_beams == 1
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=self.max_new_tokens(gen), num_beams=gen.num_beams, do_sample=False, use_cache=True,
+            max_new_tokens=max_new_tokens, num_beams=gen.num_beams, do_sample=False, use_cache=True,
             return_dict_in_generate=True, output_logits=greedy, output_scores=False,
         )
         if gen.min_new_tokens:
@@ -340,16 +349,27 @@ class Predictor:
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [(text.strip(), float(score)) for text, score in zip(texts, scores)]
 
-    def _run_ct2(self, batch: list[_Item], gen: GenerateConfig) -> list[tuple[str, float]]:
+
+class CT2Backend:
+    """A CTranslate2 Translator over a `t5qa export --format ct2` directory (fast CPU inference, int8 or fp32)."""
+
+    name = "ct2"
+
+    def __init__(self, directory: Path, tokenizer: Any, compute_type: str) -> None:
+        self.tokenizer = tokenizer
+        self.translator = _load_translator(directory, compute_type)
+
+    def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats
+            ) -> list[tuple[str, float]]:
         tokenizer = self.tokenizer
         sources = [tokenizer.convert_ids_to_tokens(item.window.input_ids) for item in batch]
         longest = max(len(s) for s in sources)
-        self.stats.real_tokens += sum(len(s) for s in sources)
-        self.stats.padded_tokens += longest * len(sources)
-        results = self._translator.translate_batch(  # type: ignore[union-attr]
+        stats.real_tokens += sum(len(s) for s in sources)
+        stats.padded_tokens += longest * len(sources)
+        results = self.translator.translate_batch(
             sources,
             beam_size=gen.num_beams,
-            max_decoding_length=self.max_new_tokens(gen),
+            max_decoding_length=max_new_tokens,
             min_decoding_length=gen.min_new_tokens,
             length_penalty=gen.length_penalty,
             no_repeat_ngram_size=gen.no_repeat_ngram_size,
@@ -377,25 +397,26 @@ class Predictor:
 def encode_config_from_meta(
     meta: dict[str, Any], *, stride_tokens: int | None = None, max_source_tokens: int | None = None
 ) -> EncodeConfig:
-    """The EncodeConfig a saved model was trained with (t5qa.json), with optional overrides."""
+    """The EncodeConfig a saved model was trained with (t5qa.json's `encode`), with optional overrides.
+
+    Directories written before t5qa kept `encode` in one place hold the settings at the top level or inside
+    `train_config`; those are read the same way."""
     names = {f.name for f in dataclasses.fields(EncodeConfig)}
-    values = {k: v for k, v in meta.items() if k in names and v is not None}
-    if isinstance(meta.get("train_config"), dict):
-        nested = meta["train_config"].get("encode")
-        if isinstance(nested, dict):
-            values = {**{k: v for k, v in nested.items() if k in names and v is not None}, **values}
-    if stride_tokens is not None:
-        values["stride_tokens"] = stride_tokens
+    saved = meta.get("encode")
+    if not isinstance(saved, dict):
+        older = meta.get("train_config", {}).get("encode") if isinstance(meta.get("train_config"), dict) else None
+        saved = {**(older if isinstance(older, dict) else {}), **meta}
+    values = {k: v for k, v in saved.items() if k in names and v is not None}
     if max_source_tokens is not None:
         values["max_source_tokens"] = max_source_tokens
-    if "stride_tokens" in values and "max_source_tokens" in values:
-        # A saved stride that no longer fits a smaller --max-source-tokens is shrunk rather than refused.
-        if stride_tokens is None and values["stride_tokens"] >= values["max_source_tokens"]:
-            values["stride_tokens"] = values["max_source_tokens"] // 4
+        # The overlap follows the input length, as in training (EncodeConfig derives it), unless given too.
+        values.pop("stride_tokens", None)
+    if stride_tokens is not None:
+        values["stride_tokens"] = stride_tokens
     return EncodeConfig(**values)
 
 
-def default_answer_tokens(meta: dict[str, Any]) -> int:
+def default_max_new_tokens(meta: dict[str, Any]) -> int:
     """The answer length limit for a saved model: its training answers' 99th percentile length, else its
     max_target_tokens, else FALLBACK_ANSWER_TOKENS (with a logged note)."""
     for key in ("answer_tokens_p99", "max_target_tokens"):

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # Settings a reader looks for first, in this order; the rest of the config follows in file order.
 _KEY_SETTINGS = (
     "model", "train", "validation", "output", "epochs", "max_steps", "train_batch_size",
-    "gradient_accumulation_steps", "eval_batch_size", "learning_rate", "lr_scheduler", "warmup_steps",
+    "gradient_accumulation_steps", "generate.batch_size", "learning_rate", "lr_scheduler", "warmup_steps",
     "warmup_ratio", "optimizer", "weight_decay", "precision", "seed", "encode.max_source_tokens",
     "encode.max_target_tokens", "metric_for_best", "lora_rank",
 )

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from t5qa.checkpoint import (check_output_dir, complete_checkpoints, latest_good_checkpoint, load_checkpoint,
@@ -31,12 +30,12 @@ from t5qa.checkpoint import (check_output_dir, complete_checkpoints, latest_good
 from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
 from t5qa.data import QAExample, load_dataset, split_examples
 from t5qa.evaluate import choose_metric_for
-from t5qa.encode import EncodeStats, LengthGroupedSampler, encode_for_training, make_collator
+from t5qa.encode import EncodeStats, LengthGroupedSampler, answer_length_p99, encode_for_training, make_collator
 from t5qa.errors import ConfigError, TrainingError
-from t5qa.fastpath import (clip_in_step, clipping_fits_in_step, keep_freed_memory, use_fast_dropout,
-                           use_fast_linear, use_fast_norm)
+from t5qa import fastpath
 from t5qa.lora import apply_lora, is_lora_model, save_adapter
 from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
+from t5qa.optim import make_optimizer, make_scheduler
 from t5qa.rundir import (BEST_DIR, CONFIG_FILE, LAST_DIR, PREDICTIONS_FILE, RUN_SUMMARY_FILE, SUMMARY_FILE, MetricsLog,
                          write_json)
 
@@ -104,12 +103,14 @@ class TrainingRun:
     validation_examples: list[QAExample]
     encode_stats: EncodeStats
     generate: GenerateConfig        # cfg.generate with max_new_tokens filled in from the training answers
+    fast: fastpath.FastPaths        # the CPU fast paths in use
     output_dir: Path
     micro_batches_per_epoch: int    # per process
     steps_per_epoch: int
     total_steps: int
     answer_tokens_p99: int
-    summary: dict[str, Any]
+    metric: str | None              # the scorer validation uses (cfg.metric, or chosen from the data)
+    summary: dict[str, Any]         # what run_summary.json records; nothing reads it back
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -125,7 +126,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         DataError, ModelError: unreadable data or model.
     """
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import set_seed
 
     if not cfg.train:
         raise ConfigError("--train is required: the training data file (or `train:` in the --config file)")
@@ -149,18 +150,9 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_precision(model, cfg.precision)
     model = _prepare_model_for_training(model, cfg)
-    # bench/experiments/LEVERS.md: PyTorch's CPU dropout mask cost 15-23% of a t5-small step.
-    fast_dropout = bool(cfg.fast_dropout and accelerator.device.type == "cpu" and use_fast_dropout(model))
-    # bench/experiments/LEVERS.md: oneDNN's forward products made a step 2-6% faster than MKL's.
-    fast_linear = bool(cfg.fast_linear and accelerator.device.type == "cpu" and cfg.precision == "fp32"
-                       and use_fast_linear(model))
-    # bench/experiments/LEVERS.md: 1.23 against 1.73 ms per t5-small layer norm, forward and backward.
-    fast_norm = bool(cfg.fast_norm and accelerator.device.type == "cpu" and cfg.precision == "fp32"
-                     and use_fast_norm(model))
-
     train_examples, validation_examples = _load_examples(cfg, tokenizer)
     features, encode_stats = encode_for_training(train_examples, tokenizer, cfg.encode)
-    answer_tokens_p99 = _answer_tokens_p99(features)
+    answer_tokens_p99 = answer_length_p99(features)
     generate = cfg.generate
     if generate.max_new_tokens is None:
         generate = dataclasses.replace(generate, max_new_tokens=max(answer_tokens_p99, generate.min_new_tokens, 1))
@@ -179,26 +171,24 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     train_loader = torch.utils.data.DataLoader(features, batch_size=cfg.train_batch_size, sampler=sampler,
                                                collate_fn=make_collator(tokenizer),
                                                generator=torch.Generator().manual_seed(cfg.seed))
-    optimizer = _make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
+    # The one place fast paths are decided: each proves itself on the first micro-batch or is not used.
+    fast = fastpath.enable(model, optimizer, cfg, accelerator=accelerator, batch=_first_micro_batch(
+        features, tokenizer, cfg.train_batch_size))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    # Clipping inside fused AdamW's step (bench/experiments/LEVERS.md), where the gradients are whole on each
-    # process (one process or DDP) and no fp16 loss scaler already uses the optimizer's grad_scale.
-    clip_in_optimizer = bool(
-        cfg.max_grad_norm is not None and accelerator.scaler is None
-        and accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-        and clipping_fits_in_step(optimizer.optimizer))
 
     micro_batches_per_epoch = len(train_loader)
     steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    scheduler = _make_scheduler(optimizer, cfg, total_steps)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
 
+    metric = (cfg.metric or choose_metric_for(validation_examples[: cfg.max_eval_examples])) \
+        if validation_examples else cfg.metric
     summary = {
         "model": cfg.model,
         "examples": len(train_examples),
         "validation_examples": len(validation_examples),
-        "metric": (cfg.metric or choose_metric_for(validation_examples[: cfg.max_eval_examples]))
-        if validation_examples else cfg.metric,
+        "metric": metric,
         "examples_needing_window": encode_stats.needed_window,
         "answers_outside_every_window": encode_stats.answer_outside_every_window,
         "truncated_targets": encode_stats.truncated_targets,
@@ -215,10 +205,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         "precision": cfg.precision,
         "optimizer": cfg.optimizer,
         "device": str(accelerator.device),
-        "fast_dropout": fast_dropout,
-        "fast_linear": fast_linear,
-        "fast_norm": fast_norm,
-        "clip_in_optimizer_step": clip_in_optimizer,
+        "fast_paths": fast.summary(),
         "answer_tokens_p99": answer_tokens_p99,
     }
     if accelerator.is_main_process:
@@ -229,17 +216,32 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     return TrainingRun(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                        scheduler=scheduler, train_loader=train_loader, sampler=sampler,
                        train_examples=train_examples, validation_examples=validation_examples,
-                       encode_stats=encode_stats, generate=generate, output_dir=output_dir,
+                       encode_stats=encode_stats, generate=generate, fast=fast, output_dir=output_dir,
                        micro_batches_per_epoch=micro_batches_per_epoch, steps_per_epoch=steps_per_epoch,
-                       total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, summary=summary)
+                       total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, metric=metric, summary=summary)
+
+
+def _first_micro_batch(features: list[dict[str, Any]], tokenizer: Any, size: int) -> dict[str, torch.Tensor]:
+    batch = make_collator(tokenizer)(features[:size])
+    batch.pop("example_index", None)
+    return batch
 
 
 def _prepare_model_for_training(model: Any, cfg: TrainConfig) -> Any:
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.x renamed it (the old name warns, and goes in v6)
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False  # the decoder cache is useless in training and clashes with recompute
     if cfg.lora_rank is not None:
-        model = apply_lora(model, cfg)  # freezes every base weight itself
+        if cfg.freeze_embeddings or cfg.freeze_encoder or cfg.freeze_layers:
+            logger.warning("--freeze-* flags have no effect with LoRA: every base weight is frozen already")
+        model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           target_modules=cfg.lora_target_modules,
+                           gradient_checkpointing=cfg.gradient_checkpointing)  # freezes every base weight
     else:
         frozen = freeze(model, embeddings=cfg.freeze_embeddings, encoder=cfg.freeze_encoder,
                         first_layers=cfg.freeze_layers)
@@ -265,54 +267,6 @@ def _load_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[QAExample], l
     logger.info("no --validation: held out %d of %d examples (%.0f%% of the contexts) for validation",
                 len(splits["validation"]), len(examples), 100 * cfg.data.val_fraction)
     return splits["train"], splits["validation"]
-
-
-def _answer_tokens_p99(features: list[dict[str, Any]]) -> int:
-    """99th percentile of the training answers' token lengths, + 1 for </s>: the default max_new_tokens."""
-    # labels end with </s>, so len(labels) - 1 answer tokens
-    lengths = [len(f["labels"]) - 1 for f in features] or [0]
-    return int(math.ceil(float(np.percentile(lengths, 99)))) + 1
-
-
-def _no_decay(model: Any) -> set[str]:
-    """Names of parameters that get no weight decay: biases and every normalisation layer's weights."""
-    names = set()
-    for module_name, module in model.named_modules():
-        is_norm = "norm" in type(module).__name__.lower()
-        for param_name, _ in module.named_parameters(recurse=False):
-            if is_norm or param_name == "bias":
-                names.add(f"{module_name}.{param_name}" if module_name else param_name)
-    return names
-
-
-def _make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    no_decay = _no_decay(model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if n not in no_decay], "weight_decay": cfg.weight_decay},
-        {"params": [p for n, p in params if n in no_decay], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        # A fixed learning rate (our scheduler drives it), not Adafactor's own relative step size.
-        return Adafactor(groups, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
-                         warmup_init=False)
-    # The fused kernel: on CPU (t5qa "mini", 1 thread) 3.7 ms per step against 16.5 ms for the per-parameter
-    # loop and 19.8 ms for foreach; fused is also the fastest on GPU. Older torch builds lack it for some devices.
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
-
-
-def _make_scheduler(optimizer: Any, cfg: TrainConfig, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    warmup_steps = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
-    name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler, cfg.lr_scheduler)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
 def _log_summary(summary: dict[str, Any]) -> None:
@@ -350,13 +304,13 @@ def fit(cfg: TrainConfig, *, on_evaluate: Callable[[int, dict], None] | None = N
         TrainingInterrupted: Ctrl-C or SIGTERM, after writing a checkpoint.
         ConfigError, DataError, ModelError, CheckpointError: bad input.
     """
-    # bench/experiments/LEVERS.md: glibc re-mapped activation memory every step (88,000 page faults on t5-small).
-    with keep_freed_memory(cfg.keep_freed_memory):
-        return _fit(cfg, on_evaluate, progress)
-
-
-def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, progress: bool | None) -> TrainResult:
     run = setup(cfg)
+    with run.fast.in_effect():
+        return _fit(run, on_evaluate, progress)
+
+
+def _fit(run: TrainingRun, on_evaluate: Callable[[int, dict], None] | None, progress: bool | None) -> TrainResult:
+    cfg = run.cfg
     accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
     is_main = accelerator.is_main_process
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -370,7 +324,7 @@ def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, prog
 
     stop_reason = ""
     started = time.perf_counter()
-    window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+    interval_start, interval_samples, interval_loss, interval_steps = time.perf_counter(), 0, 0.0, 0
     model.train()
     try:
         stop_request.install()
@@ -391,7 +345,8 @@ def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, prog
                     loss = model(**batch).loss  # mean token cross-entropy of the micro-batch
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                        grad_norm = clip_gradients(run, trainable)
+                        grad_norm = run.fast.limit_gradient_norm(accelerator, model, trainable,
+                                                                 cfg.max_grad_norm)
                         if not math.isfinite(float(grad_norm)):  # stop before the update spoils the weights
                             raise _non_finite_error(run, state.step + 1, state.epoch, f"gradient norm {grad_norm}")
                     optimizer.step()
@@ -414,26 +369,26 @@ def _fit(cfg: TrainConfig, on_evaluate: Callable[[int, dict], None] | None, prog
                 mean_loss = totals[0].item() / accelerator.num_processes
                 state.step += 1
                 state.samples_seen += int(totals[1].item())
-                window_samples += int(totals[1].item())
+                interval_samples += int(totals[1].item())
                 step_loss = torch.zeros((), device=accelerator.device)
                 step_micro_batches = step_samples = 0
                 if not math.isfinite(mean_loss):
                     raise _non_finite_error(run, state.step, state.epoch, f"training loss {mean_loss}")
-                window_loss += mean_loss
-                window_steps += 1
+                interval_loss += mean_loss
+                interval_steps += 1
                 epoch_float = state.epoch + state.micro_batches_in_epoch / run.micro_batches_per_epoch
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    samples_s=f"{window_samples / max(time.perf_counter() - window_start, 1e-9):.1f}")
+                                    samples_s=f"{interval_samples / max(time.perf_counter() - interval_start, 1e-9):.1f}")
 
                 if state.step % cfg.log_every_steps == 0 or state.step == run.total_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    elapsed = max(time.perf_counter() - interval_start, 1e-9)
                     metrics_log.write({"step": state.step, "epoch": round(epoch_float, 4), "split": "train",
-                                       "loss": window_loss / window_steps,
+                                       "loss": interval_loss / interval_steps,
                                        "learning_rate": scheduler.get_last_lr()[0],
-                                       "samples_per_second": window_samples / elapsed})
-                    window_start, window_samples, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                                       "samples_per_second": interval_samples / elapsed})
+                    interval_start, interval_samples, interval_loss, interval_steps = time.perf_counter(), 0, 0.0, 0
 
                 eval_due = (state.step == run.total_steps
                             or (cfg.eval_every_steps is not None and state.step % cfg.eval_every_steps == 0)
@@ -491,14 +446,6 @@ def _any_process(accelerator: Any, flag: bool) -> bool:
     return bool(total.item() > 0)
 
 
-def clip_gradients(run: TrainingRun, trainable: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Clip the gradients to run.cfg.max_grad_norm; returns their total norm before clipping. Where the run
-    allows it (run_summary's clip_in_optimizer_step), the next optimizer step does the division itself."""
-    if run.summary["clip_in_optimizer_step"]:
-        return clip_in_step(run.optimizer.optimizer, trainable, run.cfg.max_grad_norm)
-    return run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
-
-
 def _non_finite_error(run: TrainingRun, step: int, epoch: int, what: str) -> TrainingError:
     good = complete_checkpoints(run.output_dir)
     kept = f"the last good checkpoint {good[0]} is kept" if good else "no checkpoint had been written yet"
@@ -522,7 +469,7 @@ def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
     model.eval()
     with torch.no_grad():
         result = evaluate_model(model, run.tokenizer, run.validation_examples, cfg.encode, run.generate,
-                                batch_size=cfg.eval_batch_size, metric=run.summary.get("metric"),
+                                batch_size=cfg.generate.batch_size, metric=run.metric,
                                 accelerator=accelerator, max_examples=cfg.max_eval_examples)
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     value = metrics.get(cfg.metric_for_best)
@@ -548,14 +495,14 @@ def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
 
 def _model_meta(run: TrainingRun, state: TrainerState) -> dict[str, Any]:
     cfg = run.cfg
+    # Each setting once: `encode` is what predict, evaluate and serve rebuild inputs with; `train_config` is the
+    # rest of the run's TrainConfig.
+    train_config = to_dict(dataclasses.replace(cfg, resume=False))
     return {
-        "prompt_template": cfg.encode.prompt_template,
-        "max_source_tokens": cfg.encode.max_source_tokens,
-        "stride_tokens": cfg.encode.stride_tokens,
-        "max_target_tokens": cfg.encode.max_target_tokens,
+        "encode": train_config.pop("encode"),
         "answer_tokens_p99": run.answer_tokens_p99,
         "step": state.step,
-        "train_config": to_dict(dataclasses.replace(cfg, resume=False)),
+        "train_config": train_config,
     }
 
 

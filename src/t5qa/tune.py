@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from t5qa.config import METRICS, TrainConfig, from_dict, load_yaml, to_dict
+from t5qa.config import TrainConfig, TuneConfig, from_dict, load_yaml, to_dict
 from t5qa.errors import ConfigError, TrainingError, require
 from t5qa.modeling import PRESETS, init_model
 
@@ -286,60 +286,34 @@ def _check_trial_dirs(output: Path, study: Any) -> None:
         )
 
 
-def run_search(
-    base: TrainConfig,
-    *,
-    trials: int,
-    output: str | os.PathLike,
-    storage: str | None = None,
-    space: dict[str, Any] | None = None,
-    metric: str = "f1",
-    study_name: str = "t5qa",
-    train_fn: Callable[..., Any] | None = None,
-    heartbeat_interval_s: int = 20,
-    grace_period_s: int = 60,
-    pruner_startup_trials: int = 3,
-    pruner_warmup_evaluations: int = 1,
-) -> SearchResult:
-    """Run (or continue) a hyperparameter search until `trials` trials are COMPLETE or PRUNED.
+def run_search(base: TrainConfig, config: TuneConfig | None = None, *, space: dict[str, Any] | None = None,
+               train_fn: Callable[..., Any] | None = None, **settings: Any) -> SearchResult:
+    """Run (or continue) a hyperparameter search until `config.trials` trials are COMPLETE or PRUNED.
 
     Args:
         base: the training config every trial starts from (data, model, max_steps, ...).
-        trials: number of finished (complete + pruned) trials the study should reach, over all workers.
-        output: search directory: study.db (default storage), trial-NNNN/ run dirs, results.
-        storage: Optuna/SQLAlchemy database URL; default sqlite:///OUTPUT/study.db.
+        config: how to search (TuneConfig: trials, output, storage, metric_for_best, study name, heartbeat and
+            pruner settings); `settings` are TuneConfig fields that build or override it.
         space: raw search space (see parse_space); None uses DEFAULT_SPACE.
-        metric: validation metric to optimise: f1, exact_match, token_accuracy (maximised) or loss (minimised).
-        study_name: name of the study inside the storage.
-        train_fn: the training function, `fit(cfg, on_evaluate=...)`; default t5qa.train.fit.
-        heartbeat_interval_s, grace_period_s: a RUNNING trial without a heartbeat for grace_period_s is
-            considered dead (its process was killed) and is re-queued.
-        pruner_startup_trials: trials that finish before the median pruner may prune.
-        pruner_warmup_evaluations: evaluations of a trial before it may be pruned (pruning from evaluation
-            number pruner_warmup_evaluations + 1 on).
+        train_fn: the training function, `fit(cfg, on_evaluate=...)`; default t5qa.api.train.
     Returns:
-        SearchResult (the files it names are written to `output`).
+        SearchResult (the files it names are written to the output directory).
     Raises:
         ConfigError: bad metric, trial count, space or storage; TrainingError from a trial.
     """
+    config = dataclasses.replace(config, **settings) if config is not None else TuneConfig(**settings)
+    trials, metric, study_name = config.trials, config.metric_for_best, config.study_name
+    heartbeat_interval_s, grace_period_s = config.heartbeat_interval_s, config.grace_period_s
+    pruner_startup_trials, pruner_warmup_evaluations = config.pruner_startup_trials, config.pruner_warmup_evaluations
     optuna = require("optuna", "tune", "Hyperparameter search")
     from optuna.trial import TrialState
 
-    if metric not in METRICS:
-        raise ConfigError(f"--metric-for-best must be one of {', '.join(METRICS)}, got {metric!r}")
-    if trials < 1:
-        raise ConfigError(f"--trials must be at least 1, got {trials}")
-    if heartbeat_interval_s < 1 or grace_period_s <= heartbeat_interval_s:
-        raise ConfigError("the grace period must exceed the heartbeat interval (both in whole seconds)")
     params_space = parse_space(_space_for(base, space))
-    output = Path(output)
+    output = Path(str(config.output))
     output.mkdir(parents=True, exist_ok=True)
-    url = storage or f"sqlite:///{output.resolve() / 'study.db'}"
-    if "://" not in url:
-        raise ConfigError(f"--storage must be a database URL such as sqlite:///path/study.db or "
-                          f"postgresql://user@host/db, got {url!r}")
+    url = config.storage or f"sqlite:///{output.resolve() / 'study.db'}"
     if train_fn is None:
-        from t5qa.train import fit as train_fn
+        from t5qa.api import train as train_fn
     from t5qa.train import StopTraining, TrainingInterrupted
 
     rdb = _make_storage(optuna, url, heartbeat_interval_s, grace_period_s)

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 from typing import Any
 
 from t5qa.cli.common import add_config_flags, config_overrides, print_json, print_table
-from t5qa.config import DataConfig, EncodeConfig, from_dict, to_dict
-from t5qa.data import (
-    CleaningReport,
-    QAExample,
-    clean_examples,
-    detect_format,
-    load_examples,
-    split_examples,
-    write_jsonl,
-)
-from t5qa.errors import DataError
+from t5qa.config import DataConfig, EncodeConfig, from_dict
+from t5qa.data import CleaningReport
 
 _SPLIT_FLAGS = ("val_fraction", "test_fraction", "split_seed")
 _ENCODE_EXCLUDE = ("stride_tokens", "group_by_length")
@@ -66,76 +55,14 @@ def _configs(args: argparse.Namespace) -> tuple[DataConfig, EncodeConfig]:
     return data, encode
 
 
-def _load_tokenizer(name: str) -> Any:
-    try:
-        from t5qa.modeling import load_tokenizer
-    except ImportError:  # pragma: no cover - modeling is part of the package
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name)
-    return load_tokenizer(name)
-
-
-def _format_of(path: str, data: DataConfig) -> str:
-    if data.format:
-        return data.format
-    return detect_format(path) if Path(path).exists() else "hf"
-
-
-def _analyse(args: argparse.Namespace, data: DataConfig, encode: EncodeConfig) -> dict[str, Any]:
-    """Load, clean and (with --model) measure; returns everything both commands report."""
-    fmt = _format_of(args.path, data)
-    started = time.perf_counter()
-    loaded = load_examples(args.path, data)
-    load_seconds = time.perf_counter() - started
-    if not loaded:
-        raise DataError(f"{args.path}: the dataset is empty (no questions found); check the file and --format")
-    tokenizer = _load_tokenizer(args.model) if args.model else None
-    kept, report = clean_examples(loaded, data, tokenizer=tokenizer,
-                                  max_answer_tokens=encode.max_target_tokens if tokenizer is not None else None)
-    if not kept:
-        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(report.dropped.items()))
-        raise DataError(f"{args.path}: all {len(loaded)} examples were dropped by cleaning ({reasons}); check "
-                        "the column mapping (--context-column, --question-column, --answer-column)")
-    stats = None
-    if tokenizer is not None:
-        from t5qa.stats import compute_stats
-
-        stats = compute_stats(kept, tokenizer, encode)
-    return {
-        "source": str(args.path),
-        "format": fmt,
-        "load_seconds": round(load_seconds, 3),
-        "loaded": _counts(loaded),
-        "kept": _counts(kept),
-        "cleaning": report,
-        "stats": stats,
-        "examples": kept,
-        "model": args.model,
-    }
-
-
-def _counts(examples: list[QAExample]) -> dict[str, int]:
-    return {
-        "questions": len(examples),
-        "unanswerable": sum(not ex.is_answerable for ex in examples),
-        "contexts": len({ex.context for ex in examples}),
-    }
-
-
-def _public(result: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in result.items() if k not in ("examples", "cleaning", "stats")}
-    out["cleaning"] = result["cleaning"].to_dict()
-    out["stats"] = result["stats"].to_dict() if result["stats"] is not None else None
-    return out
-
-
 def run_inspect(args: argparse.Namespace) -> int:
     """Print counts, the cleaning report and token statistics."""
+    from t5qa.api import inspect_data
+
     data, encode = _configs(args)
-    result = _analyse(args, data, encode)
+    result = inspect_data(args.path, data, encode, model=args.model)
     if args.json:
-        print_json(_public(result))
+        print_json(result.to_dict())
         return 0
     _print_summary(result)
     return 0
@@ -143,43 +70,30 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Clean, split by context, and write the JSONL splits and report.json."""
+    from t5qa.api import prepare_data
+
     data, encode = _configs(args)
-    result = _analyse(args, data, encode)
-    splits = split_examples(result["examples"], data.val_fraction, data.test_fraction, data.split_seed)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise DataError(f"--output {output}: exists and is not a directory; choose another path")
-    output.mkdir(parents=True, exist_ok=True)
-    split_info = {}
-    for name, examples in splits.items():
-        path = output / f"{name}.jsonl"
-        write_jsonl(examples, path)
-        split_info[name] = {"path": str(path), **_counts(examples)}
-    report = _public(result)
-    report["data_config"] = to_dict(data)
-    report["encode_config"] = to_dict(encode) if args.model else None
-    report["splits"] = split_info
-    (output / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    result, report = prepare_data(args.path, args.output, data, encode, model=args.model)
     if args.json:
         print_json(report)
         return 0
     _print_summary(result)
     print()
     print_table([[name, info["questions"], info["contexts"], info["unanswerable"], info["path"]]
-                 for name, info in split_info.items()],
+                 for name, info in report["splits"].items()],
                 header=["split", "questions", "contexts", "unanswerable", "file"])
-    print(f"report: {output / 'report.json'}")
+    print(f"report: {Path(args.output) / 'report.json'}")
     return 0
 
 
-def _print_summary(result: dict[str, Any]) -> None:
-    loaded, kept = result["loaded"], result["kept"]
-    print(f"{result['source']}: {result['format']}, {loaded['questions']} questions "
+def _print_summary(result: Any) -> None:
+    loaded, kept = result.loaded, result.kept
+    print(f"{result.source}: {result.format}, {loaded['questions']} questions "
           f"({loaded['unanswerable']} unanswerable) on {loaded['contexts']} contexts, "
-          f"read in {result['load_seconds']:.2f}s")
+          f"read in {result.load_seconds:.2f}s")
     print(f"after cleaning: {kept['questions']} questions ({kept['unanswerable']} unanswerable) "
           f"on {kept['contexts']} contexts")
-    report: CleaningReport = result["cleaning"]
+    report: CleaningReport = result.cleaning
     rows = []
     for action, bucket in (("dropped", report.dropped), ("flagged", report.flagged),
                            ("normalised", report.normalised)):
@@ -188,7 +102,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     if rows:
         print()
         print_table(rows, header=["cleaning", "reason", "examples", "e.g."])
-    stats = result["stats"]
+    stats = result.stats
     if stats is None:
         print("\n(pass --model TOKENIZER for token lengths, truncation losses and the unknown-token rate)")
         return
@@ -199,7 +113,7 @@ def _print_summary(result: dict[str, Any]) -> None:
          f"{stats.sources_over_limit} over {stats.max_source_tokens}"],
         ["target (answers)", tgt.get("p50"), tgt.get("p90"), tgt.get("p99"), tgt.get("max"),
          f"{stats.targets_over_limit} over {stats.max_target_tokens}"],
-    ], header=[f"tokens ({result['model']})", "p50", "p90", "p99", "max", "over the limit"])
+    ], header=[f"tokens ({result.model})", "p50", "p90", "p99", "max", "over the limit"])
     print(f"answers past the {stats.max_source_tokens}-token input limit: {stats.answers_lost_to_truncation} "
           f"of {stats.answers_checked}; characters mapped to {stats.unk_token}: {100 * stats.unk_rate:.2f}%")
     for line in stats.recommendations:

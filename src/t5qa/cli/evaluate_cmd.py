@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-answer-threshold", type=float, default=1.0, metavar="P",
                    help="squad_v2: a prediction whose no-answer probability exceeds P counts as no answer "
                         "(default: 1.0, as the v2.0 script)")
-    p.add_argument("--stride", type=int, metavar="N",
-                   help="overlap in tokens between windows of a long context (default: the model's)")
+    p.add_argument("--stride-tokens", "--stride", dest="stride_tokens", type=int, metavar="N",
+                   help="overlap in tokens between windows of a long context (default: the model's; with "
+                        "--max-source-tokens, a quarter of it, as in training)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     add_config_flags(p, GenerateConfig, group_title="generation (with --model)")
@@ -48,52 +49,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the metrics, optionally write the per-example rows."""
-    from t5qa.data import load_for_evaluation
-    from t5qa.evaluate import (evaluate_model, evaluate_predictions, read_no_answer_probs, read_predictions,
-                               write_predictions)
+    from t5qa.api import evaluate, score_predictions
+    from t5qa.evaluate import write_predictions
 
     if (args.model is None) == (args.predictions is None):
         raise ConfigError("give exactly one of --model (evaluate a model) or --predictions (score a file)")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ConfigError(f"--max-examples must be at least 1, got {args.max_examples}")
-    if args.no_answer_probs is not None and (args.predictions is None or args.metric not in (None, "squad_v2")):
+    if args.no_answer_probs is not None and args.predictions is None:
         raise ConfigError("--no-answer-probs goes with --predictions and the squad_v2 metric")
-    generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
-    examples = load_for_evaluation(args.data, from_dict(DataConfig, config_overrides(args, DataConfig),
-                                                        source="flags"), need_inputs=args.model is not None)
-    if args.max_examples:
-        examples = examples[: args.max_examples]
+    data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
     if args.predictions is not None:
-        probs = read_no_answer_probs(args.no_answer_probs) if args.no_answer_probs else None
-        result = evaluate_predictions(read_predictions(args.predictions), examples,
-                                      metric="squad_v2" if probs is not None else args.metric,
-                                      no_answer_probs=probs, no_answer_threshold=args.no_answer_threshold)
+        result = score_predictions(args.predictions, args.data, data_config=data, metric=args.metric,
+                                   no_answer_probs=args.no_answer_probs,
+                                   no_answer_threshold=args.no_answer_threshold, max_examples=args.max_examples)
     else:
-        model, tokenizer, encode, generate = _load(args, generate)
-        result = evaluate_model(model, tokenizer, examples, encode, generate, batch_size=generate.batch_size,
-                                metric=args.metric)
+        generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
+        result = evaluate(args.model, args.data, data_config=data, generate=generate, metric=args.metric,
+                          stride_tokens=args.stride_tokens, max_examples=args.max_examples,
+                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     if args.output:
         write_predictions(result, args.output)
     _print_metrics({"metric": result.metric, **result.metrics}, as_json=args.json)
     if args.output and not args.json:
         print(f"per-example predictions: {args.output}")
     return 0
-
-
-def _load(args: argparse.Namespace, generate: GenerateConfig) -> tuple[Any, Any, Any, GenerateConfig]:
-    import dataclasses
-
-    from t5qa.modeling import load_model, read_meta
-    from t5qa.predict import default_answer_tokens, encode_config_from_meta
-
-    model, tokenizer = load_model(args.model, allow_pickle=args.allow_pickle,
-                                  trust_remote_code=args.trust_remote_code)
-    meta = read_meta(args.model)
-    encode = encode_config_from_meta(meta, stride_tokens=args.stride)
-    if generate.max_new_tokens is None:
-        generate = dataclasses.replace(generate, max_new_tokens=max(default_answer_tokens(meta),
-                                                                    generate.min_new_tokens, 1))
-    return model, tokenizer, encode, generate
 
 
 def _print_metrics(metrics: dict[str, Any], *, as_json: bool) -> None:

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import time
 from pathlib import Path
-from typing import Any
 
 from t5qa.cli.common import add_data_column_flags, add_config_flags, config_overrides, print_json
 from t5qa.config import DataConfig, GenerateConfig, from_dict
-from t5qa.errors import ConfigError, DataError
-
-# Output formats of `t5qa predict --data`, by the output file's extension.
-_OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".csv": "csv", ".tsv": "tsv",
-                   ".json": "json"}
+from t5qa.api import OUTPUT_FORMATS
+from t5qa.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON (answer, score, window) instead of text")
     p.add_argument("--backend", choices=("torch", "ct2"), default="torch",
                    help="torch, or ct2 for a model written by `t5qa export --format ct2` (default: torch)")
-    p.add_argument("--stride", type=int, metavar="N",
-                   help="overlap in tokens between windows of a long context (default: the model's)")
+    p.add_argument("--stride-tokens", "--stride", dest="stride_tokens", type=int, metavar="N",
+                   help="overlap in tokens between windows of a long context (default: the model's; with "
+                        "--max-source-tokens, a quarter of it, as in training)")
     p.add_argument("--max-source-tokens", type=int, metavar="N",
                    help="input length limit in tokens (default: the model's)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
@@ -77,10 +71,8 @@ def _check_args(args: argparse.Namespace) -> str:
         problems.append("--data and --output go together; give both")
     elif not one and not many:
         problems.append("give --context and --question, or --data and --output")
-    if args.output is not None and Path(args.output).suffix.lower() not in _OUTPUT_FORMATS:
-        problems.append(f"--output {args.output}: unknown extension; use one of {', '.join(_OUTPUT_FORMATS)}")
-    if args.stride is not None and args.stride < 0:
-        problems.append(f"--stride must be >= 0, got {args.stride}")
+    if args.output is not None and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
+        problems.append(f"--output {args.output}: unknown extension; use one of {', '.join(OUTPUT_FORMATS)}")
     if problems:
         raise ConfigError("; ".join(problems))
     return "one" if one else "file"
@@ -88,15 +80,13 @@ def _check_args(args: argparse.Namespace) -> str:
 
 def run_predict(args: argparse.Namespace) -> int:
     """Answer one question (printed) or a data file (written to --output)."""
-    from t5qa.predict import Predictor
+    from t5qa.api import load_predictor, predict_file
 
     mode = _check_args(args)
     generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
-    examples = _read_examples(args) if mode == "file" else []
-    predictor = Predictor.from_pretrained(
-        args.model, backend=args.backend, generate=generate, allow_pickle=args.allow_pickle,
-        trust_remote_code=args.trust_remote_code, stride_tokens=args.stride, max_source_tokens=args.max_source_tokens,
-    )
+    predictor = load_predictor(args.model, backend=args.backend, generate=generate, allow_pickle=args.allow_pickle,
+                               trust_remote_code=args.trust_remote_code, stride_tokens=args.stride_tokens,
+                               max_source_tokens=args.max_source_tokens)
     if mode == "one":
         answer = predictor.answer(args.context, args.question)
         if args.json:
@@ -105,57 +95,17 @@ def run_predict(args: argparse.Namespace) -> int:
             print(answer.text)
         return 0
 
-    started = time.perf_counter()
-    answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], progress=not args.no_progress)
-    seconds = time.perf_counter() - started
-    rows = [
-        {"id": _valid_text(ex.id), "question": _valid_text(ex.question), "prediction": a.text,
-         "score": round(a.score, 6),
-         "window": a.window_index, "num_windows": a.num_windows}
-        for ex, a in zip(examples, answers)
-    ]
-    _write_rows(rows, Path(args.output))
-    stats = predictor.stats
-    summary = {"output": str(args.output), "questions": len(rows), "seconds": round(seconds, 3),
-               "questions_per_second": round(len(rows) / seconds, 2) if seconds else None,
-               "windows": stats.windows, "padding_fraction": round(stats.padding_fraction, 4),
-               "backend": args.backend}
+    data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
+    result = predict_file(predictor, args.data, args.output, data_config=data, progress=not args.no_progress)
+    summary = {"output": str(result.output), "questions": result.questions, "seconds": result.seconds,
+               "questions_per_second": result.questions_per_second, "windows": result.windows,
+               "padding_fraction": result.padding_fraction, "backend": result.backend}
     if args.json:
         print_json(summary)
     else:
-        print(f"wrote {len(rows)} answers to {args.output} ({summary['questions_per_second']} questions/s, "
-              f"{stats.windows} model inputs, {100 * stats.padding_fraction:.1f}% padding)")
+        print(f"wrote {result.questions} answers to {args.output} ({result.questions_per_second} questions/s, "
+              f"{result.windows} model inputs, {100 * result.padding_fraction:.1f}% padding)")
     return 0
-
-
-def _read_examples(args: argparse.Namespace) -> list[Any]:
-    from t5qa.data import load_examples, require_inputs
-
-    config = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
-    # No cleaning: every input row gets an answer, in input order. Answers are not needed to answer.
-    examples = load_examples(args.data, config, require_answers=False)
-    if not examples:
-        raise DataError(f"{args.data}: no questions found; check the file and --format")
-    require_inputs(examples)
-    return examples
-
-
-def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    fmt = _OUTPUT_FORMATS[path.suffix.lower()]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with path.open("w", encoding="utf-8", newline="") as handle:
-            if fmt == "jsonl":
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            elif fmt == "json":  # the official SQuAD predictions format: id -> answer
-                json.dump({row["id"]: row["prediction"] for row in rows}, handle, ensure_ascii=False, indent=1)
-            else:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
-                writer.writeheader()
-                writer.writerows(rows)
-    except OSError as exc:
-        raise DataError(f"{path}: cannot write the answers ({exc.strerror}); check --output") from None
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -168,10 +118,3 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {out} (CTranslate2, {args.quantization}, {size_mb:.1f} MB); answer with: "
           f"t5qa predict --backend ct2 --model {out} ...")
     return 0
-
-
-def _valid_text(text: str) -> str:
-    """Lone UTF-16 surrogates (from JSON escapes) replaced with U+FFFD, so the row can be written as UTF-8."""
-    import re
-
-    return re.sub("[\ud800-\udfff]", "\ufffd", text)

@@ -7,10 +7,11 @@ import ipaddress
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from t5qa.cli.common import add_config_flags, config_overrides
-from t5qa.config import GenerateConfig, ServeLimits
+from t5qa.config import GenerateConfig, ServeConfig, ServeLimits
 from t5qa.errors import ConfigError, ModelError, T5QAError, require
 
 API_KEY_ENV = "T5QA_API_KEY"
@@ -26,23 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, help="model directory (saved by t5qa or transformers, or a "
                                                   "`t5qa export` directory with --backend ct2)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for every "
-                        "interface, then also set an API key)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--backend", choices=("torch", "ct2"), default="torch", help="inference backend (default: torch)")
     p.add_argument("--api-key", default=None,
                    help=f"require this key on every API request (header 'Authorization: Bearer KEY' or "
                         f"'X-API-Key: KEY'); prefer the {API_KEY_ENV} environment variable, which other "
                         f"users cannot see in the process list")
-    p.add_argument("--max-batch-size", type=int, default=32, help="most pairs answered in one model call "
-                                                                  "(default: 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to share its batch, in ms (default: 5)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (can run code)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
                    help="server log level (default: info; warning with -q)")
+    add_config_flags(p, ServeConfig, exclude=[f.name for f in fields(ServeLimits)], group_title="server")
     add_config_flags(p, ServeLimits, group_title="request limits")
     add_config_flags(p, GenerateConfig, group_title="default generation settings (a request may override them)")
     p.set_defaults(func=run)
@@ -68,27 +62,26 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         raise ModelError(f"{args.model}: no such model directory; pass a directory saved by t5qa or transformers "
                          f"(or `t5qa export` with --backend ct2) to --model")
-    if not 1 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     limits = ServeLimits(**config_overrides(args, ServeLimits))
+    limit_names = {f.name for f in fields(ServeLimits)}
+    serve = ServeConfig(limits=limits, **{k: v for k, v in config_overrides(args, ServeConfig).items()
+                                           if k not in limit_names})
     generate_values = config_overrides(args, GenerateConfig)
     # One model call then runs the whole micro-batch at once.
-    generate_values.setdefault("batch_size", args.max_batch_size)
+    generate_values.setdefault("batch_size", serve.max_batch_size)
     generate = GenerateConfig(**generate_values)
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
-    if not is_loopback(args.host) and api_key is None:
-        print(f"warning: listening on {args.host} without an API key: anyone who can reach this machine can "
+    if not is_loopback(serve.host) and api_key is None:
+        print(f"warning: listening on {serve.host} without an API key: anyone who can reach this machine can "
               f"use the model. Set {API_KEY_ENV} (or --api-key), or keep --host 127.0.0.1.", file=sys.stderr)
 
     app = create_app_from_dir(
-        args.model, backend=args.backend, generate=generate, api_key=api_key, limits=limits,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        args.model, backend=args.backend, generate=generate, config=serve, api_key=api_key, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
     level = args.log_level or ("warning" if getattr(args, "quiet", False) else "info")
-    where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/"
+    where = f"http://{'[' + serve.host + ']' if ':' in serve.host else serve.host}:{serve.port}/"
     logging.getLogger(__name__).info("loading %s, then serving on %s (Ctrl-C stops)", args.model, where)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=level, lifespan="on")
+    config = uvicorn.Config(app, host=serve.host, port=serve.port, log_level=level, lifespan="on")
     server = uvicorn.Server(config)
     server.run()
     startup_error = app.state.t5qa.startup_error
@@ -98,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
         raise ModelError(f"{args.model}: the model could not be loaded ({type(startup_error).__name__}: "
                          f"{startup_error}); see the log above") from None
     if not server.started:
-        raise ConfigError(f"the server did not start on {args.host}:{args.port} (is the port in use? try "
+        raise ConfigError(f"the server did not start on {serve.host}:{serve.port} (is the port in use? try "
                           f"another --port)")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from t5qa.cli.common import add_config_flags, config_overrides, print_table
-from t5qa.config import METRICS, TrainConfig
+from t5qa.config import TrainConfig, TuneConfig
 
 # Set by the search itself: the search directory replaces --output, and the objective is tune's own
 # --metric-for-best (the same name and choices as in train). --metric (the scorer) is a training flag.
@@ -25,17 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         # Flags defined both by TrainConfig and by this command: the later definition wins.
         conflict_handler="resolve",
     )
-    p.add_argument("--trials", type=int, required=True,
-                   help="trials to reach in the study (complete + pruned, over every worker)")
-    p.add_argument("--output", required=True,
-                   help="search directory: study.db, trial-NNNN/ runs, trials.csv, best_config.yaml, plots")
     p.add_argument("--config", help="YAML with the base training config and a `search:` section (the space)")
-    p.add_argument("--storage", help="database URL of the study (default sqlite:///OUTPUT/study.db); "
-                                     "e.g. postgresql://user:pass@host/db to search from several machines")
-    p.add_argument("--metric-for-best", dest="objective", default="f1", choices=METRICS,
-                   help="validation metric to optimise (loss is minimised, the others maximised)")
-    p.add_argument("--study-name", default="t5qa", help="name of the study in the storage")
     add_config_flags(p, TrainConfig, exclude=_EXCLUDED, group_title="base training config")
+    # After TrainConfig's flags, so --output and --metric-for-best are the search's (conflict_handler above).
+    add_config_flags(p, TuneConfig, group_title="search")
     p.set_defaults(func=run)
 
 
@@ -48,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Optuna's per-trial lines follow t5qa's -q/-v like every other log message.
     require("optuna", "tune", "Hyperparameter search").logging.set_verbosity(logging.getLogger().getEffectiveLevel())
-    base, space = load_search_config(args.config, **config_overrides(args, TrainConfig))
-    result = run_search(base, trials=args.trials, output=args.output, storage=args.storage, space=space,
-                        metric=args.objective, study_name=args.study_name)
+    train_flags = {k: v for k, v in config_overrides(args, TrainConfig).items() if k not in _EXCLUDED}
+    base, space = load_search_config(args.config, **train_flags)
+    search = TuneConfig(**config_overrides(args, TuneConfig))
+    result = run_search(base, search, space=space)
     if result.rows:
         header = list(result.rows[0])
         print_table([[_cell(row[k]) for k in header] for row in result.rows], header=header)
@@ -59,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
           f"(study '{result.study_name}' in {result.storage})")
     if result.best_trial is not None:
         params = ", ".join(f"{k}={_cell(v)}" for k, v in result.best_params.items())
-        print(f"best: trial {result.best_trial}, {args.objective} {result.best_value:.4f} ({params}); "
+        print(f"best: trial {result.best_trial}, {search.metric_for_best} {result.best_value:.4f} ({params}); "
               f"run {result.best_run_dir}")
         print(f"best config: {result.best_config_path} (train with: t5qa train --config {result.best_config_path})")
     else:

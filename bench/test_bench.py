@@ -1,4 +1,5 @@
-"""The benchmark suite's own arithmetic and bookkeeping (bench/): untimed, tiny, offline.
+"""The benchmark suite's own arithmetic and bookkeeping: untimed, tiny, offline. It lives with the benchmarks, so
+that tests/ tests t5qa alone and never imports bench/; pytest collects it too (pyproject's testpaths).
 
 No timing is asserted here, ever: the benchmark reports speed, tests only check that what it counts is right.
 """
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import flops  # noqa: E402

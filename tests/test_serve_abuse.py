@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 
-from conftest import load_bench_load_test
+from conftest import running_server
 from t5qa.config import GenerateConfig, ServeLimits  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +32,6 @@ CONTEXT = "the code is kilo . the city is oslo . alpha bravo ."
 QUESTION = "what is the city?"
 LIMITS = ServeLimits(max_request_bytes=100_000, max_pairs_per_request=16, max_context_chars=5_000,
                      max_question_chars=200, max_num_beams=4, max_new_tokens_cap=16)
-
-
-bench = load_bench_load_test()
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +43,10 @@ def predictor(tiny_model_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def server(predictor: Any) -> Iterator[str]:
-    from t5qa.serve import create_app
+    from t5qa.serve import ServeConfig, create_app
 
-    app = create_app(predictor, limits=LIMITS, max_batch_size=16, max_wait_ms=2)
-    with bench.running_server(app) as url:
+    app = create_app(predictor, config=ServeConfig(limits=LIMITS, max_batch_size=16, max_wait_ms=2))
+    with running_server(app) as url:
         yield url
 
 
@@ -385,12 +382,30 @@ def test_client_that_disconnects_mid_body_or_mid_wait_does_not_hurt_the_server(s
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_load_400_requests_32_clients_no_5xx_no_drops(server: str) -> None:
-    result = bench.run_load(server, requests=400, concurrency=32, seed=3, timeout_s=120)
-    assert result.server_errors_5xx == 0, result.errors
-    assert result.dropped == 0, result.errors
-    assert result.client_errors_4xx == 0, result.errors
-    assert result.ok == 400
-    assert result.server_batches is not None and result.server_batches < 400  # concurrent requests shared calls
+    """400 requests from 32 concurrent clients: every one answered with 200, and concurrent requests shared
+    model calls. (bench/load_test.py sends 2,000 and records the figures in bench/LOAD_RESULTS.md.)"""
+    import asyncio
+
+    before = httpx.get(f"{server}/health", timeout=30).json()
+
+    async def scenario() -> list[int | str]:
+        gate = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=server, timeout=120) as c:
+            async def one(i: int) -> int | str:
+                async with gate:
+                    try:
+                        r = await c.post("/v1/answer", json={"context": CONTEXT, "question": f"{QUESTION} {i}"})
+                    except httpx.HTTPError as exc:  # a dropped connection counts against the server
+                        return type(exc).__name__
+                    return r.status_code if r.status_code != 200 or r.json()["answers"] else "empty"
+
+            return list(await asyncio.gather(*(one(i) for i in range(400))))
+
+    codes = asyncio.run(scenario())
+    assert codes == [200] * 400, sorted({str(c) for c in codes})
+    after = httpx.get(f"{server}/health", timeout=30).json()
+    assert after["requests_served"] - before["requests_served"] == 400
+    assert after["batches_run"] - before["batches_run"] < 400  # concurrent requests shared model calls
 
 
 @pytest.mark.slow
