@@ -148,11 +148,25 @@ def run_plain(model_dir: str, steps: int, timer: common.StepTimer) -> Any:
     return model.config, {"optimizer": "torch.optim.AdamW (defaults)"}
 
 
-def run_t5qa(model_dir: str, steps: int, work: Path, timer: common.StepTimer) -> Any:
+def run_t5qa(model_dir: str, steps: int, work: Path, timer: common.StepTimer, counter: common.TokenCounter) -> Any:
     from transformers import AutoConfig
 
+    from t5qa import fastpath
     from t5qa import train as t5qa_train
     from t5qa.config import EncodeConfig, TrainConfig
+
+    enable = fastpath.enable
+
+    def enable_uncounted(*args: Any, **kwargs: Any) -> Any:
+        # The fast paths' start-up proof runs two forward passes before step one; they are not training steps,
+        # and the token counter maps its i-th call to step i.
+        counter.paused = True
+        try:
+            return enable(*args, **kwargs)
+        finally:
+            counter.paused = False
+
+    fastpath.enable = enable_uncounted
 
     cfg = TrainConfig(
         model=model_dir,
@@ -215,7 +229,7 @@ def main() -> None:
         elif args.impl == "plain-512":
             config, extra = run_plain(args.model_dir, total, timer)
         else:
-            config, extra = run_t5qa(args.model_dir, total, work, timer)
+            config, extra = run_t5qa(args.model_dir, total, work, timer, counter)
     extra["wall_seconds_total"] = time.perf_counter() - started
     result = common.train_result(args.impl, timer=timer, counter=counter, warmup_steps=args.warmup_steps,
                                  model_config=config, extra=extra)

@@ -111,6 +111,7 @@ class TokenCounter:
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[int, int]]] = []
+        self.paused = False  # forward calls that are not training steps (t5qa's fast-path proof) are not counted
         self._original: Any = None
         self._cls: Any = None
 
@@ -124,7 +125,7 @@ class TokenCounter:
         def forward(model_self: Any, *args: Any, **kwargs: Any) -> Any:
             mask = kwargs.get("attention_mask")
             labels = kwargs.get("labels")
-            if model_self.training and mask is not None and labels is not None:
+            if model_self.training and not counter.paused and mask is not None and labels is not None:
                 with torch.no_grad():
                     src = mask.sum(dim=1).tolist()  # (batch,) real source tokens
                     tgt = (labels != -100).sum(dim=1).tolist()  # (batch,) real target tokens

@@ -241,8 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs-per-request", type=int, default=1)
     parser.add_argument("--model", default=None, help="model directory (default: build one from --preset)")
     parser.add_argument("--preset", default="tiny", help="preset for the built model: tiny, mini, t5-small")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    from t5qa.config import ServeConfig
+
+    defaults = ServeConfig()  # the server's own defaults, so the test loads what users run
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per-request client timeout")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name} (replacing it)")

@@ -49,14 +49,19 @@ THREADS = 2
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from t5qa.config import ServeConfig
+
+    defaults = ServeConfig()  # the server's own defaults, so the benchmark measures what users get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer requests (under 2 minutes)")
     p.add_argument("--tiny", action="store_true", help="the tiny 2-layer model instead of the t5-small shape")
     p.add_argument("--requests", type=int, default=None, help="timed requests per scenario (default 128; "
                                                                "16 with --quick)")
     p.add_argument("--concurrency", type=int, default=16, help="concurrent clients (default 16)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="the batched server's max batch (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="the batched server's max wait (default 5)")
+    p.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                   help=f"the batched server's max batch (default {defaults.max_batch_size})")
+    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms,
+                   help=f"the batched server's max wait (default {defaults.max_wait_ms:g})")
     p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads of the server (default {THREADS})")
     p.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS_FILE.name}")
     return p.parse_args(argv)

@@ -42,3 +42,22 @@ def test_this_torch_divides_by_grad_scale_in_the_fused_step() -> None:
         pass
 
     assert not clip.fits(MyAdamW(params, lr=1e-3, fused=True))
+
+
+def test_the_check_does_not_fire_the_users_global_optimizer_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    monkeypatch.setattr(clip, "_proven", None)  # check again in this process
+    steps = []
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: steps.append(optimizer))
+    try:
+        assert clip.proves_itself()
+        assert steps == []  # a benchmark's or a user's step counter sees no step of the check
+        params = list(micro_t5(0.0).parameters())
+        optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        assert steps == [optimizer]  # and their hooks are back afterwards
+    finally:
+        handle.remove()

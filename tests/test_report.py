@@ -104,9 +104,10 @@ def test_html_report_is_self_contained_and_escapes_user_text(run_dir: Path) -> N
     assert "<script" not in text
     assert "What does &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; print?" in text
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', text)
-    assert len(images) == 3
-    for data in images:
+    assert len(images) == 4  # loss, learning rate, EM/F1, and the error-analysis chart
+    for data in images[:3]:
         assert _png_size(base64.b64decode(data)) == (640, 400)
+    assert _png_size(base64.b64decode(images[3]))[0] == 1100  # seven small charts, two per row
     assert 'src="loss.png"' not in text
     assert "<td>models/tiny-model-dir</td>" in text and "<td>55.25</td>" in text
 

@@ -184,7 +184,16 @@ def _row(example: QAExample, answer: Answer, metric: str) -> dict[str, Any]:
         "window": answer.window_index,
         "num_windows": answer.num_windows,
         "score": answer.score,
+        **_example_shape(example),
     }
+
+
+def _example_shape(example: QAExample) -> dict[str, Any]:
+    """What error analysis buckets by (analysis.py): the context's length, and where the first reference answer
+    starts in it (a fraction of the context; None without an answer or a known position)."""
+    start = example.answer_starts[0] if example.answer_starts else -1
+    return {"context_chars": len(example.context),
+            "answer_position": start / max(len(example.context), 1) if start >= 0 else None}
 
 
 def evaluate_predictions(
@@ -235,17 +244,33 @@ def evaluate_predictions(
         rows.append({
             "id": ex.id, "question": ex.question, "prediction": text, "references": references,
             "exact_match": exact, "f1": f1_value, "answer_in_input": None, "window": None,
+            **_example_shape(ex),
         })
     return EvalResult(metrics=metrics, predictions=rows, metric=metric)
 
 
-def write_predictions(result: EvalResult, path: str | os.PathLike) -> None:
-    """Write the per-example rows as JSON lines (one object per example, in example order)."""
+def write_predictions(result: EvalResult, path: str | os.PathLike) -> Path:
+    """Write the per-example rows as JSON lines (one object per example, in example order), and next to them
+    PATH's stem + ".breakdown.json": EM and F1 by context length, answer length, question word, answer position,
+    window, answer-in-input and empty prediction (`analysis.breakdown`). Returns the breakdown's path."""
+    from t5qa.analysis import breakdown
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as handle:
         for row in result.predictions:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    analysis_path = breakdown_path(path)
+    analysis_path.write_text(json.dumps({"metric": result.metric, "rows": len(result.predictions),
+                                         "breakdown": breakdown(result.predictions)}, ensure_ascii=False, indent=1)
+                             + "\n", encoding="utf-8")
+    return analysis_path
+
+
+def breakdown_path(predictions_path: str | os.PathLike) -> Path:
+    """Where `write_predictions` puts the error analysis of the rows in `predictions_path`."""
+    path = Path(predictions_path)
+    return path.with_name(f"{path.stem}.breakdown.json")
 
 
 def read_no_answer_probs(path: str | os.PathLike) -> dict[str, float]:

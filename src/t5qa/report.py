@@ -24,8 +24,8 @@ from typing import Any
 
 from t5qa.config import REPORT_FORMATS
 from t5qa.errors import ConfigError, DataError
-from t5qa.rundir import (CONFIG_FILE, METRICS_FILE, PLOT_FILES, PREDICTIONS_FILE, SUMMARY_FILE, by_split, read_jsonl_rows,
-                         read_metrics)
+from t5qa.rundir import (BREAKDOWN_PLOT, CONFIG_FILE, METRICS_FILE, PLOT_FILES, PREDICTIONS_FILE, SUMMARY_FILE,
+                         by_split, read_jsonl_rows, read_metrics)
 
 logger = logging.getLogger(__name__)
 
@@ -215,6 +215,8 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
     run = _read_run(run_dir)
     plots = make_plots(run_dir)
     blocks = _build(run, plots)
+    if run.predictions:
+        blocks.extend(_breakdown_blocks(run.predictions, run_dir / BREAKDOWN_PLOT))
     path = run_dir / f"report.{fmt}"
     text = _to_markdown(blocks) if fmt == "md" else _to_html(blocks)
     path.write_text(text, encoding="utf-8")
@@ -265,6 +267,59 @@ def _build(run: _Run, plots: list[Path]) -> list[_Block]:
 
     blocks.extend(_sample_blocks(run.predictions))
     return blocks
+
+
+def _breakdown_blocks(predictions: list[dict[str, Any]], plot_path: Path) -> list[_Block]:
+    """EM and F1 of the best evaluation by kind of example (analysis.py): a bar chart and one table per
+    dimension, each bucket with its worst example."""
+    from t5qa.analysis import breakdown
+
+    table = breakdown(predictions, worst=1)
+    _plot_breakdown(plot_path, table)
+    blocks: list[_Block] = [
+        ("h2", "Error analysis"),
+        ("p", f"Exact match and F1 of the {len(predictions)} evaluated questions ({PREDICTIONS_FILE}), by kind of "
+              "example; each bucket's worst answer is shown (lowest F1)."),
+        ("img", plot_path, "EM and F1 by kind of example"),
+    ]
+    for dimension, buckets in table.items():
+        blocks.append(("h2", f"By {dimension}"))
+        rows = []
+        for b in buckets:
+            worst = b["worst"][0] if b["worst"] else {}
+            references = worst.get("references")
+            reference = "; ".join(map(str, references)) if isinstance(references, list) and references else "(none)"
+            predicted = _cut(str(worst.get("prediction") or "")) or "(empty)"
+            example = (f"{_cut(str(worst.get('question', '')))} -> {predicted} (reference: {_cut(reference)})"
+                       if worst else "")
+            rows.append((b["bucket"], str(b["count"]), f"{b['exact_match']:.1f}", f"{b['f1']:.1f}", example))
+        blocks.append(("table", (dimension, "questions", "EM", "F1", "worst answer"), rows))
+    return blocks
+
+
+def _plot_breakdown(path: Path, table: dict[str, list[dict[str, Any]]]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    columns = 2
+    rows = -(-len(table) // columns)
+    fig = Figure(figsize=(11.0, 2.6 * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    for index, (dimension, buckets) in enumerate(table.items()):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        labels = [f"{b['bucket']} ({b['count']})" for b in buckets]
+        positions = list(range(len(buckets)))
+        ax.barh([p + 0.2 for p in positions], [b["f1"] for b in buckets], height=0.4, label="F1")
+        ax.barh([p - 0.2 for p in positions], [b["exact_match"] for b in buckets], height=0.4, label="EM")
+        ax.set_yticks(positions, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_title(f"by {dimension}", fontsize=10)
+        ax.grid(True, axis="x", alpha=0.3)
+        if index == 0:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
 
 
 def _ordered_config(config: dict[str, Any]) -> list[tuple[str, Any]]:

@@ -25,6 +25,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 PREDICTIONS_FILE = "eval_predictions.jsonl"
 PLOT_FILES = ("loss.png", "learning_rate.png", "em_f1.png")
+BREAKDOWN_PLOT = "em_f1_breakdown.png"  # the best evaluation's EM/F1 by kind of example (analysis.py)
 TENSORBOARD_DIR = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"

@@ -379,8 +379,9 @@ def _fit(run: TrainingRun, on_evaluate: Callable[[int, dict], None] | None, prog
                 epoch_float = state.epoch + state.micro_batches_in_epoch / run.micro_batches_per_epoch
                 if bar is not None:
                     bar.update(1)
+                    rate = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                    samples_s=f"{interval_samples / max(time.perf_counter() - interval_start, 1e-9):.1f}")
+                                    samples_s=f"{rate:.1f}")
 
                 if state.step % cfg.log_every_steps == 0 or state.step == run.total_steps:
                     elapsed = max(time.perf_counter() - interval_start, 1e-9)

@@ -66,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(args.model, args.data, data_config=data, generate=generate, metric=args.metric,
                           stride_tokens=args.stride_tokens, max_examples=args.max_examples,
                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    if args.output:
-        write_predictions(result, args.output)
+    analysis = write_predictions(result, args.output) if args.output else None
     _print_metrics({"metric": result.metric, **result.metrics}, as_json=args.json)
-    if args.output and not args.json:
+    if analysis is not None and not args.json:
         print(f"per-example predictions: {args.output}")
+        print(f"error analysis (EM/F1 by context length, answer length, question word, ...): {analysis}")
     return 0
 
 

@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
               f"use the model. Set {API_KEY_ENV} (or --api-key), or keep --host 127.0.0.1.", file=sys.stderr)
 
     app = create_app_from_dir(
-        args.model, backend=args.backend, generate=generate, config=serve, api_key=api_key, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        args.model, backend=args.backend, generate=generate, config=serve, api_key=api_key,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
     level = args.log_level or ("warning" if getattr(args, "quiet", False) else "info")
     where = f"http://{'[' + serve.host + ']' if ':' in serve.host else serve.host}:{serve.port}/"

@@ -32,13 +32,13 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, train, and print where the results are."""
+    from t5qa.api import train
     from t5qa.config import load_train_config
-    from t5qa.train import fit
 
     cfg = load_train_config(args.config, **config_overrides(args, TrainConfig))
     if args.merge and cfg.lora_rank is None:
         raise ConfigError("--merge needs --lora-rank: without LoRA there is no adapter to merge")
-    result = fit(cfg, progress=args.progress)
+    result = train(cfg, progress=args.progress)
     if not _is_main_process():
         return 0
     if args.merge:

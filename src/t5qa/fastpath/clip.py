@@ -12,6 +12,9 @@ DDP (where every process holds whole gradients) and with no fp16 loss scaler (wh
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -33,29 +36,54 @@ def clip_in_step(optimizer: torch.optim.Optimizer, parameters: list[nn.Parameter
     return norm
 
 
+@contextlib.contextmanager
+def _without_global_optimizer_hooks() -> Iterator[None]:
+    """torch's process-wide optimizer step hooks (`register_optimizer_step_post_hook`) belong to the user's
+    optimizers: the check below must not fire them (a step counter would count its steps). torch keeps them in
+    two module-level dicts; where this torch has none, the check runs with them."""
+    from torch.optim import optimizer as torch_optimizer
+
+    stores = [getattr(torch_optimizer, name, None) for name in ("_global_optimizer_pre_hooks",
+                                                                "_global_optimizer_post_hooks")]
+    saved = [dict(store) if isinstance(store, dict) else None for store in stores]
+    for store in stores:
+        if isinstance(store, dict):
+            store.clear()
+    try:
+        yield
+    finally:
+        for store, kept in zip(stores, saved):
+            if kept is not None:
+                store.update(kept)
+
+
 def proves_itself(atol: float = 1e-6) -> bool:
     """Whether, in this torch, two fused AdamW steps with clipping in the step give the weights that
     clip_grad_norm_ and a plain step give (gradients above and below the clipping norm). Checked once."""
     global _proven
     if _proven is None:
         try:
-            gen = torch.Generator().manual_seed(0)
-            weights = [torch.randn(31, 17, generator=gen), torch.randn(17, generator=gen)]
-            pairs = []
-            for in_step in (False, True):
-                params = [nn.Parameter(w.clone()) for w in weights]
-                optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=True)
-                for scale in (5.0, 0.01):  # one step clipped, one not
-                    for p, w in zip(params, weights):
-                        p.grad = w.sin() * scale
-                    if in_step:
-                        clip_in_step(optimizer, params, max_norm=1.0)
-                    else:
-                        nn.utils.clip_grad_norm_(params, 1.0)
-                    optimizer.step()
-                pairs.append(params)
-            _proven = fits(optimizer) and all(torch.allclose(a, b, atol=atol, rtol=0.0)
-                                               for a, b in zip(*pairs))
+            with _without_global_optimizer_hooks():
+                _proven = _check(atol)
         except (RuntimeError, TypeError, AttributeError):
             _proven = False
     return _proven
+
+
+def _check(atol: float) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(31, 17, generator=gen), torch.randn(17, generator=gen)]
+    pairs = []
+    for in_step in (False, True):
+        params = [nn.Parameter(w.clone()) for w in weights]
+        optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=True)
+        for scale in (5.0, 0.01):  # one step clipped, one not
+            for p, w in zip(params, weights):
+                p.grad = w.sin() * scale
+            if in_step:
+                clip_in_step(optimizer, params, max_norm=1.0)
+            else:
+                nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        pairs.append(params)
+    return fits(optimizer) and all(torch.allclose(a, b, atol=atol, rtol=0.0) for a, b in zip(*pairs))

@@ -73,7 +73,8 @@ def _run(model: nn.Module, batch: dict[str, torch.Tensor], autocast: Callable[[]
     with autocast():
         loss = model(**batch).loss
     loss.backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    # The gradient tensors themselves, taken off the parameters (no copy: a t5-small's are 240 MB).
+    grads = {name: p.grad.detach() for name, p in model.named_parameters() if p.grad is not None}
     for p in model.parameters():
         p.grad = None
     return Pass(float(loss.detach()), grads)
