@@ -124,6 +124,9 @@ class GenerateConfig:
     batch_size: int = 32
     """Questions (or windows) per forward pass when answering: in predict, serve, evaluate and training's
     evaluation."""
+    fast_answering: bool = True
+    """CPU fast paths when answering in fp32 (oneDNN's linear products, proven on the model's first batch;
+    freed memory kept between batches): see fastpath/answering.py."""
 
     def __post_init__(self) -> None:
         problems = []

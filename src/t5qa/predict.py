@@ -19,6 +19,7 @@ faster on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -236,15 +237,8 @@ class Predictor:
         batches = [order[i:i + gen.batch_size] for i in range(0, len(order), gen.batch_size)]
         bar = _progress_bar(len(items)) if progress else None
         try:
-            for batch_indices in batches:
-                batch = [items[i] for i in batch_indices]
-                t0 = time.perf_counter()
-                results = self._runner.run(batch, gen, self.max_new_tokens(gen), self.stats)
-                share = (time.perf_counter() - t0) / len(batch)
-                for item, (text, score) in zip(batch, results):
-                    item.text, item.score, item.seconds = text, score, share
-                if bar is not None:
-                    bar.update(len(batch))
+            with self._runner.in_effect(gen):
+                self._answer_batches(items, batches, gen, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -254,6 +248,17 @@ class Predictor:
         self.stats.batches += len(batches)
         self.stats.seconds += time.perf_counter() - started
         return answers
+
+    def _answer_batches(self, items: list[_Item], batches: list[list[int]], gen: GenerateConfig, bar: Any) -> None:
+        for batch_indices in batches:
+            batch = [items[i] for i in batch_indices]
+            t0 = time.perf_counter()
+            results = self._runner.run(batch, gen, self.max_new_tokens(gen), self.stats)
+            share = (time.perf_counter() - t0) / len(batch)
+            for item, (text, score) in zip(batch, results):
+                item.text, item.score, item.seconds = text, score, share
+            if bar is not None:
+                bar.update(len(batch))
 
     def max_new_tokens(self, gen: GenerateConfig | None = None) -> int:
         """The answer length limit in tokens that decoding uses."""
@@ -302,12 +307,20 @@ class Predictor:
 
 
 class TorchBackend:
-    """transformers' `generate` on the model (greedy or beam search), in eval mode and inference mode."""
+    """transformers' `generate` on the model (greedy or beam search), in eval mode and inference mode, with the
+    CPU fast paths for answering (fastpath/answering.py) where they prove themselves."""
 
     name = "torch"
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
+        from t5qa.fastpath.answering import FastAnswering
+
         self.model, self.tokenizer = model, tokenizer
+        self.fast = FastAnswering(model)
+
+    def in_effect(self, gen: GenerateConfig) -> Any:
+        """The block the batches of one call run in."""
+        return self.fast.in_effect(gen.fast_answering)
 
     def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats
             ) -> list[tuple[str, float]]:
@@ -335,7 +348,9 @@ class TorchBackend:
         was_training = model.training
         model.eval()
         try:
-            with torch.inference_mode():
+            if gen.fast_answering:
+                self.fast.prove(input_ids, attention_mask)
+            with torch.inference_mode(), self.fast.linear(gen.fast_answering):
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
         finally:
             model.train(was_training)
@@ -358,6 +373,10 @@ class CT2Backend:
     def __init__(self, directory: Path, tokenizer: Any, compute_type: str) -> None:
         self.tokenizer = tokenizer
         self.translator = _load_translator(directory, compute_type)
+
+    def in_effect(self, gen: GenerateConfig) -> Any:
+        """The block the batches of one call run in (CTranslate2 manages its own memory)."""
+        return contextlib.nullcontext()
 
     def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats
             ) -> list[tuple[str, float]]:
