@@ -107,3 +107,19 @@ def test_the_run_report_shows_the_breakdown(tiny_model_dir: Path, tmp_path: Path
     assert "## Error analysis" in report and "## By question word" in report
     assert "em_f1_breakdown.png" in report and (result.output_dir / "em_f1_breakdown.png").stat().st_size > 0
     assert (result.output_dir / "eval_predictions.breakdown.json").is_file()
+
+
+def test_the_breakdown_chart_draws_every_label_with_or_without_a_chinese_font(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    from t5qa import report
+
+    rows = [{"id": str(i), "question": q, "prediction": "x", "references": ["x"], "exact_match": 1.0, "f1": 1.0,
+             "context_chars": 100, "answer_position": 0.1, "window": 0, "answer_in_input": True}
+            for i, q in enumerate(["what?", "谁？", "为什么？"])]
+    monkeypatch.setattr(report, "_cjk_font", lambda: None)  # as on a machine with matplotlib's fonts only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Glyph ... missing from font(s)" would fail here
+        report._plot_breakdown(tmp_path / "chart.png", breakdown(rows))
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report._drawable("who / 谁", None) == "who" and report._drawable("who / 谁", "Noto Sans CJK SC") == "who / 谁"

@@ -95,3 +95,93 @@ def test_export_errors(chatty_dir, ct2_dir, tmp_path):
         Predictor.from_pretrained(ct2_dir)  # a CTranslate2 export needs the ct2 backend
     with pytest.raises(ModelError, match="t5qa export"):
         Predictor.from_pretrained(chatty_dir, backend="ct2")
+
+
+# ------------------------------------------------------------------------------------------------ the check
+
+
+def _own_answers_file(model_dir, path):
+    """Questions whose reference answer is the PyTorch model's own answer: the model scores F1 100 on them, so an
+    export that answers differently loses F1."""
+    import dataclasses
+
+    from t5qa.data import write_jsonl
+
+    examples = synthetic_copy_examples(10, seed=31)
+    answers = Predictor.from_pretrained(model_dir).answer_many([(ex.context, ex.question) for ex in examples])
+    kept = [dataclasses.replace(ex, answers=(a.text,), answer_starts=(-1,)) for ex, a in zip(examples, answers) if a.text]
+    assert len(kept) >= 8
+    write_jsonl(kept, path)
+    return kept
+
+
+def test_a_faithful_export_passes_its_check_and_predict_shows_it(chatty_dir, tmp_path, capsys):
+    from t5qa.cli import main
+    from t5qa.export import CHECK_FILE, read_check
+
+    kept = _own_answers_file(chatty_dir, tmp_path / "check.jsonl")
+    assert main(["export", "--model", str(chatty_dir), "--output", str(tmp_path / "ct2"),
+                 "--check-data", str(tmp_path / "check.jsonl"), "--max-f1-drop", "0.5"]) == 0
+    assert "100.0% same answers" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "ct2" / CHECK_FILE).read_text())
+    assert saved["questions"] == len(kept) and saved["agreement"] == 1.0 and saved["passed"] is True
+    assert saved["torch"]["f1"] == saved["export"]["f1"] == 100.0 and saved["delta_f1"] == 0.0
+    assert saved["torch"]["questions_per_second"] > 0 and saved["export"]["questions_per_second"] > 0
+    assert read_check(tmp_path / "ct2").describe().startswith(f"{len(kept)} questions of ")
+
+    ex = kept[0]
+    assert main(["predict", "--model", str(tmp_path / "ct2"), "--backend", "ct2", "--context", ex.context,
+                 "--question", ex.question, "--verbose"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == ex.answers[0]
+    assert "export check: " in out.err and "100.0% same answers" in out.err
+    assert main(["predict", "--model", str(tmp_path / "ct2"), "--backend", "ct2", "--context", ex.context,
+                 "--question", ex.question]) == 0
+    assert "export check" not in capsys.readouterr().err
+
+
+def test_an_export_with_tampered_weights_fails_its_check(chatty_dir, tmp_path, monkeypatch):
+    import torch
+    from ctranslate2.converters import TransformersConverter
+
+    load = TransformersConverter.load_model
+
+    def tampered(self, *args, **kwargs):  # the weights the converter writes, 30% noise on the decoder's
+        model = load(self, *args, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith("decoder.") and p.dim() == 2:
+                    p.add_(0.3 * p.std() * torch.randn(p.shape, generator=generator))
+        return model
+
+    monkeypatch.setattr(TransformersConverter, "load_model", tampered)
+    _own_answers_file(chatty_dir, tmp_path / "check.jsonl")
+    with pytest.raises(ModelError, match=r"failed its check and was not written: .* F1 100.00 -> "):
+        export_ct2(chatty_dir, tmp_path / "ct2", check_data=tmp_path / "check.jsonl", max_f1_drop=1.0)
+    assert list(tmp_path.iterdir()) == [tmp_path / "check.jsonl"]  # nothing left behind
+
+    recorded = export_ct2(chatty_dir, tmp_path / "ct2", check_data=tmp_path / "check.jsonl")  # no limit: recorded
+    check = json.loads((recorded / "export_check.json").read_text())
+    assert check["agreement"] < 0.9 and check["delta_f1"] < -1.0 and check["passed"] is True
+    assert check["disagreements"] and check["disagreements"][0]["torch"] != check["disagreements"][0]["export"]
+
+
+def test_the_check_uses_the_runs_validation_split(tiny_model_dir, tmp_path, caplog):
+    from t5qa import api
+    from t5qa.export import read_check
+    from test_train import make_data
+
+    data = make_data(tmp_path, n_train=30)
+    run = api.train(model=str(tiny_model_dir), train=str(data["train"]), output=str(tmp_path / "run"), max_steps=2,
+                    train_batch_size=4, max_source_tokens=128, val_fraction=0.2, seed=5)
+    out = export_ct2(run.best_dir, tmp_path / "ct2", check_examples=3)
+    check = read_check(out)
+    assert check is not None and check.questions == 3 and check.data.startswith("the run's validation split of ")
+    assert check.agreement == 1.0  # float32 answers as PyTorch does
+
+    with pytest.raises(ConfigError, match="--max-f1-drop needs questions .*names no training run"):
+        export_ct2(tiny_model_dir, tmp_path / "other", max_f1_drop=1.0)
+    with caplog.at_level("WARNING"):
+        export_ct2(tiny_model_dir, tmp_path / "unchecked")
+    assert "the export is not checked" in caplog.text and not (tmp_path / "unchecked" / "export_check.json").exists()

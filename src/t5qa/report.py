@@ -303,15 +303,16 @@ def _plot_breakdown(path: Path, table: dict[str, list[dict[str, Any]]]) -> None:
 
     columns = 2
     rows = -(-len(table) // columns)
+    cjk = _cjk_font()
     fig = Figure(figsize=(11.0, 2.6 * rows), dpi=100)
     FigureCanvasAgg(fig)
     for index, (dimension, buckets) in enumerate(table.items()):
         ax = fig.add_subplot(rows, columns, index + 1)
-        labels = [f"{b['bucket']} ({b['count']})" for b in buckets]
+        labels = [f"{_drawable(str(b['bucket']), cjk)} ({b['count']})" for b in buckets]
         positions = list(range(len(buckets)))
         ax.barh([p + 0.2 for p in positions], [b["f1"] for b in buckets], height=0.4, label="F1")
         ax.barh([p - 0.2 for p in positions], [b["exact_match"] for b in buckets], height=0.4, label="EM")
-        ax.set_yticks(positions, labels, fontsize=8)
+        ax.set_yticks(positions, labels, fontsize=8, **({"fontfamily": ["DejaVu Sans", cjk]} if cjk else {}))
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_title(f"by {dimension}", fontsize=10)
@@ -320,6 +321,27 @@ def _plot_breakdown(path: Path, table: dict[str, list[dict[str, Any]]]) -> None:
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
+
+
+# Fonts with Chinese glyphs that Linux, macOS and Windows machines often have; matplotlib's own has none.
+_CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+              "Droid Sans Fallback", "PingFang SC", "Heiti SC", "Microsoft YaHei", "SimHei")
+
+
+def _cjk_font() -> str | None:
+    """An installed font that draws Chinese, or None."""
+    from matplotlib import font_manager
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return next((name for name in _CJK_FONTS if name in installed), None)
+
+
+def _drawable(label: str, cjk_font: str | None) -> str:
+    """A bucket label the chart can draw: "what / 什么" keeps its Chinese only where a font draws it (the tables
+    keep it always)."""
+    if cjk_font is None and not label.isascii():
+        return label.split(" / ")[0] if label.split(" / ")[0].isascii() else label.encode("ascii", "replace").decode()
+    return label
 
 
 def _ordered_config(config: dict[str, Any]) -> list[tuple[str, Any]]:

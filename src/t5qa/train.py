@@ -150,7 +150,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_precision(model, cfg.precision)
     model = _prepare_model_for_training(model, cfg)
-    train_examples, validation_examples = _load_examples(cfg, tokenizer)
+    train_examples, validation_examples = load_run_examples(cfg, tokenizer)
     features, encode_stats = encode_for_training(train_examples, tokenizer, cfg.encode)
     answer_tokens_p99 = answer_length_p99(features)
     generate = cfg.generate
@@ -253,7 +253,9 @@ def _prepare_model_for_training(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
-def _load_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[QAExample], list[QAExample]]:
+def load_run_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[QAExample], list[QAExample]]:
+    """The run's training and validation examples: --validation's, or the held-out contexts of --train (the same
+    split for the same data and --split-seed, so `t5qa export` can check an export on the run's validation)."""
     examples, _ = load_dataset(cfg.train, cfg.data, tokenizer=tokenizer,
                                max_answer_tokens=cfg.encode.max_target_tokens)
     if cfg.validation:

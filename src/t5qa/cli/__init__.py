@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a command group not built in this version
             raise
         module.register(sub)
+    # -v/-q also after the command (`t5qa predict ... --verbose`); SUPPRESS keeps a flag given before it.
+    for command in {id(p): p for p in sub.choices.values()}.values():
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show debug logging (and, with --backend ct2, the export's check)")
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="show warnings and errors only")
     return parser
 
 

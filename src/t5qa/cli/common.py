@@ -78,11 +78,13 @@ DATA_COLUMN_FLAGS = ("format", "context_column", "question_column", "answer_colu
                      "no_answer_values")
 
 
-def add_data_column_flags(parser: argparse.ArgumentParser, group_title: str = "data columns") -> None:
-    """Flags that map a user's file to contexts, questions, answers and ids (--context-column, ...)."""
+def add_data_column_flags(parser: argparse.ArgumentParser, group_title: str = "data columns",
+                          without: tuple[str, ...] = ()) -> None:
+    """Flags that map a user's file to contexts, questions, answers and ids (--context-column, ...); `without`
+    leaves some out (a command whose own flag has the name)."""
     from t5qa.config import DataConfig
 
-    excluded = [name for name in DataConfig.__dataclass_fields__ if name not in DATA_COLUMN_FLAGS]
+    excluded = [name for name in DataConfig.__dataclass_fields__ if name not in DATA_COLUMN_FLAGS or name in without]
     add_config_flags(parser, DataConfig, exclude=excluded, group_title=group_title)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from t5qa.cli.common import add_data_column_flags, add_config_flags, config_overrides, print_json
 from t5qa.config import DataConfig, GenerateConfig, from_dict
 from t5qa.api import OUTPUT_FORMATS
 from t5qa.errors import ConfigError
+from t5qa.export import DEFAULT_CHECK_EXAMPLES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +57,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--force", action="store_true", help="replace --output if it exists")
     e.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
     e.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    check = e.add_argument_group("check (the export and the trained model answer the same questions)")
+    check.add_argument("--check-data", metavar="FILE",
+                       help="questions with answers to check on (default: the run's validation set)")
+    check.add_argument("--check-examples", type=int, default=DEFAULT_CHECK_EXAMPLES, metavar="N",
+                       help=f"how many of its first questions (default: {DEFAULT_CHECK_EXAMPLES}; 0 skips the check)")
+    check.add_argument("--max-f1-drop", type=float, metavar="POINTS",
+                       help="fail, writing nothing, when the export's F1 is more than POINTS below the model's")
+    add_data_column_flags(e, group_title="data columns (for --check-data; its format is detected)",
+                          without=("format",))
     e.set_defaults(func=run_export)
 
 
@@ -87,6 +98,12 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.model, backend=args.backend, generate=generate, allow_pickle=args.allow_pickle,
                                trust_remote_code=args.trust_remote_code, stride_tokens=args.stride_tokens,
                                max_source_tokens=args.max_source_tokens)
+    if args.backend == "ct2" and getattr(args, "verbose", False):
+        from t5qa.export import read_check
+
+        check = read_check(args.model)
+        print(f"export check: {check.describe() if check else 'none recorded (exported without a check)'}",
+              file=sys.stderr)
     if mode == "one":
         answer = predictor.answer(args.context, args.question)
         if args.json:
@@ -112,9 +129,18 @@ def run_export(args: argparse.Namespace) -> int:
     """Convert the model and print where it went."""
     from t5qa.export import export_ct2
 
+    from t5qa.export import read_check
+
+    columns = {k: v for k, v in config_overrides(args, DataConfig).items() if k != "format"}  # --format: the export's
+    data = from_dict(DataConfig, columns, source="flags")
     out = export_ct2(args.model, args.output, quantization=args.quantization, force=args.force,
-                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                     allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                     check_data=args.check_data, check_examples=args.check_examples, max_f1_drop=args.max_f1_drop,
+                     data_config=data)
     size_mb = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) / 1e6
     print(f"wrote {out} (CTranslate2, {args.quantization}, {size_mb:.1f} MB); answer with: "
           f"t5qa predict --backend ct2 --model {out} ...")
+    check = read_check(out)
+    if check is not None:
+        print(f"checked: {check.describe()}")
     return 0
