@@ -90,6 +90,22 @@ def test_init_model_trains_a_tokenizer_on_a_data_file(tmp_path):
     assert tokenizer.unk_token_id not in ids
 
 
+def test_init_model_reads_a_data_file_with_its_own_columns(tmp_path, capsys):
+    from t5qa.cli import main
+
+    data = tmp_path / "reviews.csv"
+    data.write_text("review,query,span\n" + "".join(f"the soup was zesty {i},how was the soup?,zesty\n"
+                                                     for i in range(20)), encoding="utf-8")
+    assert main(["init-model", "--config", "tiny", "--tokenizer", str(data), "--output", str(tmp_path / "none"),
+                 "--vocab-size", "120"]) != 0
+    assert "--context-column" in capsys.readouterr().err  # the fix the error names is a flag init-model takes
+    assert main(["init-model", "--config", "tiny", "--tokenizer", str(data), "--vocab-size", "120",
+                 "--context-column", "review", "--question-column", "query", "--answer-column", "span",
+                 "--output", str(tmp_path / "model")]) == 0
+    _, tokenizer = load_model(str(tmp_path / "model"))
+    assert tokenizer.unk_token_id not in tokenizer("question: how was the soup? context: zesty")["input_ids"]
+
+
 def test_init_model_unknown_preset_names_the_choices(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="tiny"):
         init_model("huge", str(tiny_model_dir), tmp_path / "m")

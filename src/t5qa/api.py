@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from t5qa.config import DataConfig, EncodeConfig, GenerateConfig, TrainConfig, load_train_config, to_dict
-from t5qa.errors import ConfigError, DataError
+from t5qa.errors import ConfigError, DataError, ModelError
 
 # The answer file formats `predict_file` writes, by file extension.
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonlines": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -149,19 +150,48 @@ def load_predictor(model_dir: str | Path, *, backend: str = "torch", generate: G
 
 def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig | None = None,
              generate: GenerateConfig | None = None, metric: str | None = None, stride_tokens: int | None = None,
-             max_examples: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
+             max_examples: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
+             calibrate_no_answer: bool = False) -> Any:
     """Score a saved model on every question of `data` (nothing dropped); returns `evaluate.EvalResult`.
 
     The input settings come from the model directory; `generate` fields left at None take the model's defaults
-    (its answer length from training)."""
+    (its answer length from training, its calibrated no-answer threshold). With `calibrate_no_answer`, the F1-best
+    no-answer threshold is chosen on `data` (validation data with unanswerable questions, never the test set) and
+    saved into the model directory's t5qa.json, where predict, evaluate and serve find it."""
     from t5qa.evaluate import evaluate_model
 
     examples = _evaluation_examples(data, data_config, max_examples, need_inputs=True)
+    if calibrate_no_answer and all(ex.answers for ex in examples):
+        raise ConfigError(f"--calibrate-no-answer: every question in {data} has an answer; calibrate on validation "
+                          "data with unanswerable questions (SQuAD v2.0 style)")
     predictor = load_predictor(model_dir, generate=generate, stride_tokens=stride_tokens,
                                allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     settings = predictor.generate_settings()
-    return evaluate_model(predictor.model, predictor.tokenizer, examples, predictor.encode_config, settings,
-                          batch_size=settings.batch_size, metric=metric)
+    result = evaluate_model(predictor.model, predictor.tokenizer, examples, predictor.encode_config, settings,
+                            batch_size=settings.batch_size, metric=metric, calibrate_no_answer=calibrate_no_answer)
+    if result.no_answer is not None:
+        _save_no_answer(Path(model_dir), {**result.no_answer.to_dict(), "chosen_on": f"{data} "
+                                          f"({result.no_answer.chosen_on})"})
+    return result
+
+
+def _save_no_answer(model_dir: Path, calibration: dict[str, Any]) -> None:
+    """Write the calibration into the model's t5qa.json (replaced whole, so a crash leaves the old file)."""
+    from t5qa.modeling import read_meta
+    from t5qa.noanswer import META_KEY
+    from t5qa.rundir import MODEL_META_FILE, write_json
+
+    if not model_dir.is_dir():
+        raise ConfigError(f"--calibrate-no-answer saves the threshold with the model; {model_dir} is not a local "
+                          "model directory")
+    path = model_dir / MODEL_META_FILE
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        write_json(partial, {**read_meta(model_dir), META_KEY: calibration})
+        os.replace(partial, path)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot save the no-answer threshold ({exc.strerror or exc}); check that the "
+                         "model directory is writable") from None
 
 
 def score_predictions(predictions: str | Path, data: str | Path, *, data_config: DataConfig | None = None,

@@ -127,6 +127,11 @@ class GenerateConfig:
     fast_answering: bool = True
     """CPU fast paths when answering in fp32 (oneDNN's linear products, proven on the model's first batch;
     freed memory kept between batches): see fastpath/answering.py."""
+    no_answer_margin: float | None = None
+    """Answer only when the best non-empty answer's score beats the empty answer's by at least this margin
+    (log-probability per token; noanswer.py); None uses the threshold calibrated and saved with the model, if any."""
+    calibrated_no_answer: bool = True
+    """Apply the no-answer threshold saved with the model (--no-calibrated-no-answer: the model's own choice)."""
 
     def __post_init__(self) -> None:
         problems = []

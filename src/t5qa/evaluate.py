@@ -11,6 +11,7 @@ examples; the per-example rows and the loss sums are gathered so every process r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from t5qa.config import EncodeConfig, GenerateConfig
 from t5qa.data import QAExample
 from t5qa.encode import encode_for_training, make_collator
 from t5qa.metrics import check_metric, choose_metric, pair_scores, score_predictions, token_accuracy
+from t5qa.noanswer import NoAnswerCalibration, apply_threshold, choose_threshold
 from t5qa.predict import Answer, Predictor
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,10 @@ class EvalResult:
     """The scorer used: squad, squad_v2 or cmrc."""
     predictions: list[dict[str, Any]] = field(default_factory=list)
     """id, question, prediction, references, exact_match, f1 (0/1 and 0-1), answer_in_input, window,
-    num_windows, score; in example order."""
+    num_windows, score; in example order. A calibration adds margin, candidate and model_prediction."""
+    no_answer: NoAnswerCalibration | None = None
+    """The no-answer threshold chosen here (evaluate_model with calibrate_no_answer on data with unanswerable
+    questions), with F1 before and after; None otherwise."""
 
 
 def evaluate_model(
@@ -53,6 +58,7 @@ def evaluate_model(
     metric: str | None = None,
     accelerator: Any = None,
     max_examples: int | None = None,
+    calibrate_no_answer: bool = False,
 ) -> EvalResult:
     """Loss, token accuracy and EM/F1 of `model` on `examples`.
 
@@ -66,12 +72,18 @@ def evaluate_model(
         metric: the scorer (squad, squad_v2, cmrc); None chooses one from the examples (`choose_metric_for`).
         accelerator: an `accelerate.Accelerator`; with several processes the work is sharded and gathered.
         max_examples: evaluate only the first N examples.
+        calibrate_no_answer: where some question has no answer, choose the F1-best no-answer threshold on these
+            examples (noanswer.py); the metrics and rows are then those with it applied, and `no_answer` holds
+            it with the F1 before and after.
     Returns:
         EvalResult with the same metrics on every process, and per-example rows in example order.
     """
     started = time.perf_counter()
     examples = list(examples[:max_examples] if max_examples else examples)
     metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
+    calibrate = calibrate_no_answer and any(not ex.answers for ex in examples)
+    if calibrate:  # measured on the model's own answers, whatever threshold the settings carry
+        generate = dataclasses.replace(generate, no_answer_margin=None, calibrated_no_answer=False)
     indices = list(range(len(examples)))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as shard:
@@ -87,7 +99,7 @@ def evaluate_model(
                                                            batch_size)
         predictor = Predictor(core, tokenizer, encode, generate)
         pairs = [(examples[i].context, examples[i].question) for i in shard]
-        answers = predictor.answer_many(pairs, batch_size=batch_size)
+        answers = predictor.answer_many(pairs, batch_size=batch_size, measure_no_answer=calibrate)
     finally:
         core.train(was_training)
     rows = [(i, _row(examples[i], a, metric)) for i, a in zip(shard, answers)]
@@ -110,11 +122,44 @@ def evaluate_model(
         "loss": loss_total / tokens_total if tokens_total else float("nan"),
         "token_accuracy": correct_total / tokens_total if tokens_total else 0.0,
     }
-    metrics.update(score_predictions(metric, [(r["id"], r["prediction"], r["references"]) for r in predictions]))
+    scores = score_predictions(metric, [(r["id"], r["prediction"], r["references"]) for r in predictions])
+    no_answer = None
+    if calibrate:
+        predictions, no_answer, scores = _calibrate(predictions, metric, scores)
+        metrics["no_answer_threshold"] = no_answer.threshold
+        metrics.update({f"model_{key}": value for key, value in no_answer.before.items()})
+    metrics.update(scores)
     seconds = time.perf_counter() - started
     metrics["eval_seconds"] = seconds
     logger.debug("evaluated %d examples in %.1f s", len(examples), seconds)
-    return EvalResult(metrics=metrics, predictions=predictions, metric=metric)
+    return EvalResult(metrics=metrics, predictions=predictions, metric=metric, no_answer=no_answer)
+
+
+_CALIBRATION_KEYS = ("f1", "exact_match", "HasAns_f1", "NoAns_f1")
+
+
+def _calibrate(rows: list[dict[str, Any]], metric: str, before: dict[str, Any]
+               ) -> tuple[list[dict[str, Any]], NoAnswerCalibration, dict[str, Any]]:
+    """Choose the F1-best no-answer threshold on `rows` (each with its margin and candidate) and apply it: the
+    rows and the scorer's metrics with it, and the calibration. A row without a candidate keeps its answer (its
+    score is the same at every threshold)."""
+    measured = [r for r in rows if r.get("margin") is not None]
+    threshold, _ = choose_threshold([r["margin"] for r in measured],
+                                    [pair_scores(metric, r["candidate"], r["references"])[1] for r in measured],
+                                    [bool(r["references"]) for r in measured])
+    after_rows = []
+    for r in rows:
+        text = apply_threshold(r["candidate"], r["margin"], threshold) if r.get("margin") is not None \
+            else r["prediction"]
+        exact, f1_value = pair_scores(metric, text, r["references"])
+        after_rows.append({**r, "model_prediction": r["prediction"], "prediction": text, "exact_match": exact,
+                           "f1": f1_value})
+    after = score_predictions(metric, [(r["id"], r["prediction"], r["references"]) for r in after_rows])
+    calibration = NoAnswerCalibration(
+        threshold=threshold, chosen_on=f"{len(rows)} questions",
+        before={k: round(before[k], 4) for k in _CALIBRATION_KEYS if k in before},
+        after={k: round(after[k], 4) for k in _CALIBRATION_KEYS if k in after})
+    return after_rows, calibration, after
 
 
 def choose_metric_for(examples: Sequence[QAExample]) -> str:
@@ -184,6 +229,7 @@ def _row(example: QAExample, answer: Answer, metric: str) -> dict[str, Any]:
         "window": answer.window_index,
         "num_windows": answer.num_windows,
         "score": answer.score,
+        **({"margin": answer.margin, "candidate": answer.candidate} if answer.margin is not None else {}),
         **_example_shape(example),
     }
 

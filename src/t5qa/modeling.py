@@ -308,11 +308,11 @@ def train_tokenizer(texts: list[str], vocab_size: int, *, byte_fallback: bool = 
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
-def _texts_for_tokenizer(data_file: str) -> list[str]:
+def _texts_for_tokenizer(data_file: str, data_config: Any = None) -> list[str]:
     from t5qa.data import load_examples
     from t5qa.config import DataConfig
 
-    examples = load_examples(data_file, DataConfig(), require_answers=False)
+    examples = load_examples(data_file, data_config or DataConfig(), require_answers=False)
     texts: list[str] = []
     seen_contexts: set[str] = set()
     for ex in examples:
@@ -337,6 +337,7 @@ def init_model(
     *,
     vocab_size: int = 8000,
     seed: int = 0,
+    data_config: Any = None,
 ) -> Path:
     """Create a randomly initialised seq2seq model to train from scratch, and save it with its tokenizer.
 
@@ -347,6 +348,7 @@ def init_model(
         output: directory to write (HF layout).
         vocab_size: vocabulary size when training a tokenizer.
         seed: seed of the weight initialisation.
+        data_config: how to read `tokenizer_source` when it is a data file (a DataConfig: its columns).
     Returns:
         The output directory.
     Raises:
@@ -362,7 +364,8 @@ def init_model(
     elif os.path.isdir(tokenizer_source) or not os.path.exists(tokenizer_source):
         tokenizer = load_tokenizer(tokenizer_source)
     else:
-        tokenizer = train_tokenizer(_texts_for_tokenizer(tokenizer_source), vocab_size, byte_fallback=True)
+        tokenizer = train_tokenizer(_texts_for_tokenizer(tokenizer_source, data_config), vocab_size,
+                                    byte_fallback=True)
 
     if config in PRESETS:
         model_config = T5Config(vocab_size=len(tokenizer), **PRESETS[config])

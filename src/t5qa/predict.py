@@ -12,6 +12,10 @@ How a batch of questions is answered:
 4. each window's answer gets a score, the mean log-probability per generated token; for a pair with several
    windows the best-scoring non-empty answer wins (an empty answer means "not in this window"), and the
    answers come back in input order.
+5. with a no-answer threshold (noanswer.py: calibrated on validation data with unanswerable questions and saved
+   with the model, or --no-answer-margin), each window also gets the log-probability of the empty answer and
+   its best non-empty answer (decoded again with one token at least where the model chose the empty one); the
+   window with the largest margin between the two answers, and only when the margin reaches the threshold.
 
 Backends: "torch" (any AutoModelForSeq2SeqLM) or "ct2" (a CTranslate2 model written by `t5qa export`,
 faster on CPU).
@@ -32,6 +36,7 @@ from typing import Any, Sequence
 from t5qa.config import EncodeConfig, GenerateConfig
 from t5qa.encode import Window, encode_windows, format_source, pad_batch
 from t5qa.errors import ConfigError, DataError, ModelError
+from t5qa.noanswer import apply_threshold, read_threshold
 
 logger = logging.getLogger(__name__)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -61,6 +66,13 @@ class Answer:
     """Character offset in the context where the answering window starts."""
     window_char_end: int = 0
     """Character offset in the context where the answering window ends (exclusive)."""
+    margin: float | None = None
+    """Score of the best non-empty answer minus that of the empty answer (where measured: with a no-answer
+    threshold, or when evaluation calibrates one)."""
+    candidate: str | None = None
+    """The best non-empty answer (where measured), also when the threshold or the model chose the empty one."""
+    no_answer_score: float | None = None
+    """Log-probability of the empty answer (</s> first) in that window (where measured)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -102,6 +114,15 @@ class _Item:
     text: str = ""
     score: float = float("-inf")
     seconds: float = 0.0
+    no_answer_score: float | None = None
+    candidate: str = ""
+    candidate_score: float = float("-inf")
+
+    @property
+    def margin(self) -> float | None:
+        if self.no_answer_score is None or not self.candidate:
+            return None
+        return self.candidate_score - self.no_answer_score
 
 
 class Predictor:
@@ -146,6 +167,8 @@ class Predictor:
         self.backend = backend
         self.default_max_new_tokens = int(default_max_new_tokens or encode.max_target_tokens)
         self.stats = InferenceStats()
+        self.saved_no_answer_threshold: float | None = None
+        """The no-answer threshold calibrated for this model (t5qa.json `no_answer`), if any."""
         self._runner: TorchBackend | CT2Backend = (
             CT2Backend(Path(ct2_dir), tokenizer, ct2_compute_type) if backend == "ct2"  # type: ignore[arg-type]
             else TorchBackend(model, tokenizer))
@@ -200,12 +223,16 @@ class Predictor:
                 )
             tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
             compute_type = str(meta.get(CT2_META_KEY, {}).get("quantization") or "default")
-            return cls(None, tokenizer, encode, generate, backend="ct2", ct2_dir=path,
-                       default_max_new_tokens=default_max_new_tokens(meta), ct2_compute_type=compute_type)
+            predictor = cls(None, tokenizer, encode, generate, backend="ct2", ct2_dir=path,
+                            default_max_new_tokens=default_max_new_tokens(meta), ct2_compute_type=compute_type)
+            predictor.saved_no_answer_threshold = read_threshold(meta)
+            return predictor
         if is_ct2:
             raise ModelError(f"{path}: this is a CTranslate2 export; answer with it using --backend ct2")
         model, tokenizer = load_model(str(directory), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        return cls(model, tokenizer, encode, generate, default_max_new_tokens=default_max_new_tokens(meta))
+        predictor = cls(model, tokenizer, encode, generate, default_max_new_tokens=default_max_new_tokens(meta))
+        predictor.saved_no_answer_threshold = read_threshold(meta)
+        return predictor
 
     # ---------------------------------------------------------------------------------------- answering
 
@@ -214,13 +241,15 @@ class Predictor:
         return self.answer_many([(context, question)], **generate_overrides)[0]
 
     def answer_many(
-        self, pairs: Sequence[tuple[str, str]], *, progress: bool = False, **generate_overrides: Any
+        self, pairs: Sequence[tuple[str, str]], *, progress: bool = False, measure_no_answer: bool = False,
+        **generate_overrides: Any
     ) -> list[Answer]:
         """Answer many (context, question) pairs, in batches of similar length.
 
         Args:
             pairs: (context, question) tuples.
             progress: show a tqdm progress bar over model inputs.
+            measure_no_answer: give every answer its margin and candidate (noanswer.py) even without a threshold.
             generate_overrides: GenerateConfig fields for this call only (e.g. num_beams=4).
         Returns:
             One Answer per pair, in input order. A context longer than the model's input is answered window
@@ -231,6 +260,8 @@ class Predictor:
         """
         started = time.perf_counter()
         gen = self._generate_config(generate_overrides)
+        threshold = self.no_answer_threshold(gen)
+        measure = measure_no_answer or threshold is not None
         items = self._encode(pairs)
         # Longest first: similar lengths share a batch, and an out-of-memory batch shows up at once.
         order = sorted(range(len(items)), key=lambda i: -len(items[i].window.input_ids))
@@ -238,25 +269,29 @@ class Predictor:
         bar = _progress_bar(len(items)) if progress else None
         try:
             with self._runner.in_effect(gen):
-                self._answer_batches(items, batches, gen, bar)
+                self._answer_batches(items, batches, gen, bar, measure)
         finally:
             if bar is not None:
                 bar.close()
-        answers = _best_per_pair(items, len(pairs))
+        answers = _best_per_pair(items, len(pairs), threshold)
         self.stats.questions += len(pairs)
         self.stats.windows += len(items)
         self.stats.batches += len(batches)
         self.stats.seconds += time.perf_counter() - started
         return answers
 
-    def _answer_batches(self, items: list[_Item], batches: list[list[int]], gen: GenerateConfig, bar: Any) -> None:
+    def _answer_batches(self, items: list[_Item], batches: list[list[int]], gen: GenerateConfig, bar: Any,
+                        measure: bool) -> None:
+        extra = {"measure_no_answer": True} if measure else {}
         for batch_indices in batches:
             batch = [items[i] for i in batch_indices]
             t0 = time.perf_counter()
-            results = self._runner.run(batch, gen, self.max_new_tokens(gen), self.stats)
+            results = self._runner.run(batch, gen, self.max_new_tokens(gen), self.stats, **extra)
             share = (time.perf_counter() - t0) / len(batch)
-            for item, (text, score) in zip(batch, results):
-                item.text, item.score, item.seconds = text, score, share
+            for item, result in zip(batch, results):
+                item.text, item.score, item.seconds = result[0], result[1], share
+                if len(result) > 2:  # measured: (text, score, no-answer score, candidate, candidate score)
+                    item.no_answer_score, item.candidate, item.candidate_score = result[2:5]
             if bar is not None:
                 bar.update(len(batch))
 
@@ -265,10 +300,19 @@ class Predictor:
         gen = gen or self.generate_config
         return int(gen.max_new_tokens or max(self.default_max_new_tokens, gen.min_new_tokens, 1))
 
+    def no_answer_threshold(self, gen: GenerateConfig | None = None) -> float | None:
+        """The no-answer threshold in effect: --no-answer-margin, else the model's calibrated one (unless
+        --no-calibrated-no-answer), else None (the model's own choice)."""
+        gen = gen or self.generate_config
+        if gen.no_answer_margin is not None:
+            return float(gen.no_answer_margin)
+        return self.saved_no_answer_threshold if gen.calibrated_no_answer else None
+
     def generate_settings(self) -> GenerateConfig:
-        """`generate_config` with max_new_tokens filled in: the one place the model's default answer length is
-        applied (evaluate and the server use it too)."""
-        return dataclasses.replace(self.generate_config, max_new_tokens=self.max_new_tokens())
+        """`generate_config` with max_new_tokens and no_answer_margin filled in: the one place the model's default
+        answer length and calibrated no-answer threshold are applied (evaluate and the server use it too)."""
+        return dataclasses.replace(self.generate_config, max_new_tokens=self.max_new_tokens(),
+                                   no_answer_margin=self.no_answer_threshold())
 
     def _generate_config(self, overrides: dict[str, Any]) -> GenerateConfig:
         if not overrides:
@@ -322,8 +366,10 @@ class TorchBackend:
         """The block the batches of one call run in."""
         return self.fast.in_effect(gen.fast_answering)
 
-    def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats
-            ) -> list[tuple[str, float]]:
+    def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats,
+            measure_no_answer: bool = False) -> list[tuple]:
+        """(text, score) per window; with measure_no_answer, also the empty answer's log-probability and the best
+        non-empty answer with its score."""
         import torch
 
         model = self.model
@@ -336,7 +382,7 @@ class TorchBackend:
         greedy = gen.num_beams == 1
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens, num_beams=gen.num_beams, do_sample=False, use_cache=True,
-            return_dict_in_generate=True, output_logits=greedy, output_scores=False,
+            return_dict_in_generate=True, output_logits=greedy or measure_no_answer, output_scores=False,
         )
         if gen.min_new_tokens:
             kwargs["min_new_tokens"] = gen.min_new_tokens
@@ -362,7 +408,14 @@ class TorchBackend:
             # the default length_penalty=1 is the mean log-probability per token.
             scores = out.sequences_scores.float().tolist()
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return [(text.strip(), float(score)) for text, score in zip(texts, scores)]
+        results = [(text.strip(), float(score)) for text, score in zip(texts, scores)]
+        if not measure_no_answer:
+            return results
+        # The first step's raw logits: one row per input (beam search repeats each input num_beams times, and
+        # at the first step every beam of an input sees the same thing).
+        first = out.logits[0].float()[::gen.num_beams]
+        empty_scores = torch.log_softmax(first, dim=-1)[:, self.tokenizer.eos_token_id].tolist()
+        return _with_candidates(self, batch, gen, max_new_tokens, stats, results, empty_scores)
 
 
 class CT2Backend:
@@ -378,8 +431,10 @@ class CT2Backend:
         """The block the batches of one call run in (CTranslate2 manages its own memory)."""
         return contextlib.nullcontext()
 
-    def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats
-            ) -> list[tuple[str, float]]:
+    def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats,
+            measure_no_answer: bool = False) -> list[tuple]:
+        """As TorchBackend.run; the empty answer's log-probability comes from CTranslate2's scoring of an empty
+        target (one more pass over the batch)."""
         tokenizer = self.tokenizer
         sources = [tokenizer.convert_ids_to_tokens(item.window.input_ids) for item in batch]
         longest = max(len(s) for s in sources)
@@ -407,7 +462,11 @@ class CT2Backend:
             if gen.num_beams == 1 and gen.length_penalty != 1.0 and tokens:
                 score = score * len(tokens) ** gen.length_penalty / len(tokens)
             out.append((text, score))
-        return out
+        if not measure_no_answer:
+            return out
+        scored = self.translator.score_batch(sources, [[] for _ in sources], max_input_length=0)
+        empty_scores = [float(r.log_probs[-1]) if r.log_probs else float("-inf") for r in scored]
+        return _with_candidates(self, batch, gen, max_new_tokens, stats, out, empty_scores)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -472,21 +531,48 @@ def _mean_log_prob(generated: Any, logits: Sequence[Any], eos_id: int, pad_id: i
     return (total / counts).tolist()
 
 
-def _best_per_pair(items: list[_Item], num_pairs: int) -> list[Answer]:
-    """Pick, for each pair, the best window: non-empty answers beat empty ones, then the higher score."""
+def _with_candidates(backend: Any, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int,
+                     stats: InferenceStats, results: list[tuple[str, float]], empty_scores: list[float]) -> list[tuple]:
+    """Add to each (text, score) the empty answer's score and the best non-empty answer: the answer itself, or,
+    where the model chose the empty one, the same inputs decoded again with at least one token."""
+    empty = [i for i, (text, _) in enumerate(results) if not text]
+    again: dict[int, tuple[str, float]] = {}
+    if empty and gen.min_new_tokens == 0:
+        forced = dataclasses.replace(gen, min_new_tokens=1)
+        again = dict(zip(empty, backend.run([batch[i] for i in empty], forced, max_new_tokens, stats)))
+    return [(text, score, no_answer, *(again.get(i, ("", float("-inf"))) if not text else (text, score)))
+            for i, ((text, score), no_answer) in enumerate(zip(results, empty_scores))]
+
+
+def _best_per_pair(items: list[_Item], num_pairs: int, threshold: float | None = None) -> list[Answer]:
+    """Pick, for each pair, the best window: non-empty answers beat empty ones, then the higher score. Where
+    margins were measured, the window with the largest margin gives `margin` and `candidate`, and with a
+    threshold it answers, with its candidate where the margin reaches the threshold and "" where it does not."""
     best: list[_Item | None] = [None] * num_pairs
+    widest: list[_Item | None] = [None] * num_pairs
     seconds = [0.0] * num_pairs
     for item in items:
         seconds[item.pair_index] += item.seconds
         current = best[item.pair_index]
         if current is None or (bool(item.text), item.score) > (bool(current.text), current.score):
             best[item.pair_index] = item
+        margin, leader = item.margin, widest[item.pair_index]
+        if margin is not None and (leader is None or margin > leader.margin):  # type: ignore[operator]
+            widest[item.pair_index] = item
     answers = []
-    for index, item in enumerate(best):
+    for index, (item, measured) in enumerate(zip(best, widest)):
         assert item is not None, "every pair has at least one window"
+        text, score = item.text, item.score
+        if measured is not None and threshold is not None:
+            item = measured
+            text = apply_threshold(item.candidate, item.margin, threshold)
+            score = item.candidate_score if text else item.no_answer_score  # type: ignore[assignment]
         w = item.window
-        answers.append(Answer(item.text, item.score, w.window_index, w.num_windows, seconds[index],
-                              w.context_char_start, w.context_char_end))
+        answers.append(Answer(text, score, w.window_index, w.num_windows, seconds[index],
+                              w.context_char_start, w.context_char_end,
+                              margin=measured.margin if measured is not None else None,
+                              candidate=measured.candidate if measured is not None else None,
+                              no_answer_score=measured.no_answer_score if measured is not None else None))
     return answers
 
 

@@ -253,6 +253,16 @@ def _build(run: _Run, plots: list[Path]) -> list[_Block]:
         if best:
             step, _, metric = best
             blocks.append(("p", f"Best checkpoint: step {_value_text(step)} by {metric}."))
+        chosen = (best[1] if best else final)
+        if _number(chosen.get("no_answer_threshold")) is not None:
+            changes = ", ".join(f"{label} {_value_text(chosen.get('model_' + key))} -> {_value_text(chosen.get(key))}"
+                                for key, label in (("f1", "F1"), ("HasAns_f1", "HasAns F1"), ("NoAns_f1", "NoAns F1"))
+                                if key in chosen and "model_" + key in chosen)
+            blocks.append(("p", f"The validation set has unanswerable questions: each evaluation chose the no-answer "
+                                f"threshold that maximises its F1 (noanswer.py), saved with the model and applied by "
+                                f"predict and serve. Here {_value_text(chosen['no_answer_threshold'])}: {changes} "
+                                "(the model's own answers -> with the threshold; chosen on this very set, so an "
+                                "optimistic figure)."))
     else:
         blocks.append(("p", "No evaluation was run: metrics.jsonl has no validation lines and there is no "
                             "final evaluation in summary.json."))

@@ -111,6 +111,7 @@ class TrainingRun:
     answer_tokens_p99: int
     metric: str | None              # the scorer validation uses (cfg.metric, or chosen from the data)
     summary: dict[str, Any]         # what run_summary.json records; nothing reads it back
+    no_answer: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's calibration, with its step
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -473,7 +474,11 @@ def _evaluate_and_track(run: TrainingRun, state: TrainerState, epoch: float,
     with torch.no_grad():
         result = evaluate_model(model, run.tokenizer, run.validation_examples, cfg.encode, run.generate,
                                 batch_size=cfg.generate.batch_size, metric=run.metric,
-                                accelerator=accelerator, max_examples=cfg.max_eval_examples)
+                                accelerator=accelerator, max_examples=cfg.max_eval_examples,
+                                calibrate_no_answer=True)
+    if result.no_answer is not None:  # saved with a model of this step (noanswer.py)
+        run.no_answer = {"step": state.step, **result.no_answer.to_dict()}
+        logger.info("step %d: %s", state.step, result.no_answer.describe())
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     value = metrics.get(cfg.metric_for_best)
     improved = value is not None and math.isfinite(value) and (
@@ -501,12 +506,15 @@ def _model_meta(run: TrainingRun, state: TrainerState) -> dict[str, Any]:
     # Each setting once: `encode` is what predict, evaluate and serve rebuild inputs with; `train_config` is the
     # rest of the run's TrainConfig.
     train_config = to_dict(dataclasses.replace(cfg, resume=False))
-    return {
+    meta = {
         "encode": train_config.pop("encode"),
         "answer_tokens_p99": run.answer_tokens_p99,
         "step": state.step,
         "train_config": train_config,
     }
+    if run.no_answer.get("step") == state.step:  # a threshold chosen for these very weights
+        meta["no_answer"] = dict(run.no_answer)
+    return meta
 
 
 def _save_model_dir(run: TrainingRun, directory: Path, state: TrainerState) -> None:

@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-answer-threshold", type=float, default=1.0, metavar="P",
                    help="squad_v2: a prediction whose no-answer probability exceeds P counts as no answer "
                         "(default: 1.0, as the v2.0 script)")
+    p.add_argument("--calibrate-no-answer", action="store_true",
+                   help="with --model, on data with unanswerable questions: choose the no-answer threshold that "
+                        "maximises F1 on --data (use validation data, not the test set), report F1 before and "
+                        "after, and save it with the model for predict, evaluate and serve")
     p.add_argument("--stride-tokens", "--stride", dest="stride_tokens", type=int, metavar="N",
                    help="overlap in tokens between windows of a long context (default: the model's; with "
                         "--max-source-tokens, a quarter of it, as in training)")
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("give exactly one of --model (evaluate a model) or --predictions (score a file)")
     if args.no_answer_probs is not None and args.predictions is None:
         raise ConfigError("--no-answer-probs goes with --predictions and the squad_v2 metric")
+    if args.calibrate_no_answer and args.model is None:
+        raise ConfigError("--calibrate-no-answer goes with --model: it measures the model's answers")
     data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
     if args.predictions is not None:
         result = score_predictions(args.predictions, args.data, data_config=data, metric=args.metric,
@@ -65,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
         generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
         result = evaluate(args.model, args.data, data_config=data, generate=generate, metric=args.metric,
                           stride_tokens=args.stride_tokens, max_examples=args.max_examples,
-                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+                          allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+                          calibrate_no_answer=args.calibrate_no_answer)
     analysis = write_predictions(result, args.output) if args.output else None
     _print_metrics({"metric": result.metric, **result.metrics}, as_json=args.json)
+    if result.no_answer is not None and not args.json:
+        print(f"{result.no_answer.describe()}; saved with the model in {args.model}")
     if analysis is not None and not args.json:
         print(f"per-example predictions: {args.output}")
         print(f"error analysis (EM/F1 by context length, answer length, question word, ...): {analysis}")

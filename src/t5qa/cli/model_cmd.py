@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from t5qa.cli.common import add_data_column_flags, config_overrides
+from t5qa.config import DataConfig, from_dict
 from t5qa.modeling import PRESETS, count_parameters, init_model, load_model
 
 
@@ -23,12 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="directory to write the model to")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size when training a tokenizer")
     p.add_argument("--seed", type=int, default=0, help="seed of the weight initialisation")
+    add_data_column_flags(p, group_title="data columns (when --tokenizer is a data file)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Create and save the model; print where and how big."""
-    out = init_model(args.config, args.tokenizer, args.output, vocab_size=args.vocab_size, seed=args.seed)
+    data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
+    out = init_model(args.config, args.tokenizer, args.output, vocab_size=args.vocab_size, seed=args.seed,
+                     data_config=data)
     model, tokenizer = load_model(str(out))
     print(f"wrote {out}: {args.config}, {count_parameters(model) / 1e6:.2f}M parameters, "
           f"vocabulary {len(tokenizer)}")

@@ -40,6 +40,9 @@ class AnswerRequest(BaseModel):
     min_new_tokens: int | None = Field(None, description="Shortest answer in tokens.")
     length_penalty: float | None = Field(None, ge=-10.0, le=10.0, description="Beam-search length penalty.")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=20, description="Forbid repeated n-grams.")
+    no_answer_margin: float | None = Field(
+        None, ge=-1000.0, le=1000.0, description="Answer only when the answer's score beats the empty answer's by "
+                                               "this margin (default: the threshold calibrated with the model, if any).")
 
     @model_validator(mode="after")
     def one_form(self) -> "AnswerRequest":
@@ -69,6 +72,10 @@ class AnswerOut(BaseModel):
                                                   "(character offset).")
     window_char_end: int = Field(0, description="Where the answering window ends (exclusive).")
     seconds: float | None = Field(None, description="This pair's share of the model time.")
+    margin: float | None = Field(None, description="Where a no-answer threshold applies: the best non-empty "
+                                                   "answer's score minus the empty answer's.")
+    candidate: str | None = Field(None, description="Where a no-answer threshold applies: the best non-empty "
+                                                    "answer, also when the empty one was returned.")
 
     @classmethod
     def from_answer(cls, answer: Any) -> "AnswerOut":
@@ -77,7 +84,12 @@ class AnswerOut(BaseModel):
                    window_index=answer.window_index, num_windows=answer.num_windows,
                    window_char_start=getattr(answer, "window_char_start", 0),
                    window_char_end=getattr(answer, "window_char_end", 0),
-                   seconds=getattr(answer, "seconds", None))
+                   seconds=getattr(answer, "seconds", None), margin=_finite(getattr(answer, "margin", None)),
+                   candidate=getattr(answer, "candidate", None))
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 class AnswerResponse(BaseModel):
