@@ -44,6 +44,10 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 BACKENDS = ("torch", "ct2")
 # Answer length limit when the model directory says nothing about its training answers.
 FALLBACK_ANSWER_TOKENS = 32
+# What `t5qa tune --decoding` searches and saves in t5qa.json (tune_decoding.py); applied where the caller keeps
+# the default.
+DECODING_META_KEY = "decoding"
+SEARCHED_DECODING = ("num_beams", "length_penalty", "max_new_tokens", "no_repeat_ngram_size")
 # Files that mark a directory written by `t5qa export --format ct2`.
 CT2_MODEL_FILE = "model.bin"
 CT2_META_KEY = "ct2"
@@ -208,10 +212,10 @@ class Predictor:
 
         if backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        generate = generate or GenerateConfig()
         path = Path(directory)
         is_ct2 = (path / CT2_MODEL_FILE).is_file()
         meta = read_meta(path) if path.is_dir() else {}
+        generate = with_tuned_decoding(generate or GenerateConfig(), meta)
         encode = encode_config_from_meta(meta, stride_tokens=stride_tokens, max_source_tokens=max_source_tokens)
         if backend == "ct2":
             if not path.is_dir():
@@ -492,6 +496,23 @@ def encode_config_from_meta(
     if stride_tokens is not None:
         values["stride_tokens"] = stride_tokens
     return EncodeConfig(**values)
+
+
+def with_tuned_decoding(generate: GenerateConfig, meta: dict[str, Any]) -> GenerateConfig:
+    """`generate` with the setting `t5qa tune --decoding` saved (t5qa.json `decoding`) in every searched field the
+    caller left at its default."""
+    saved = meta.get(DECODING_META_KEY)
+    settings = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(settings, dict):
+        return generate
+    defaults = GenerateConfig()
+    tuned = {k: v for k, v in settings.items()
+             if k in SEARCHED_DECODING and getattr(generate, k) == getattr(defaults, k)}
+    try:
+        return dataclasses.replace(generate, **tuned) if tuned else generate
+    except ConfigError as exc:
+        logger.warning("the decoding settings saved with the model are not used (%s)", exc)
+        return generate
 
 
 def default_max_new_tokens(meta: dict[str, Any]) -> int:

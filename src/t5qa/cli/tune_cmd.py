@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         conflict_handler="resolve",
     )
     p.add_argument("--config", help="YAML with the base training config and a `search:` section (the space)")
+    p.add_argument("--decoding", action="store_true",
+                   help="search decoding settings (beams, length penalty, answer length, no-repeat n-gram size) of "
+                        "a trained --model on --validation, without training; the best is written into the model "
+                        "directory, where predict and serve use it (--trials defaults to 20)")
     add_config_flags(p, TrainConfig, exclude=_EXCLUDED, group_title="base training config")
     # After TrainConfig's flags, so --output and --metric-for-best are the search's (conflict_handler above).
     add_config_flags(p, TuneConfig, group_title="search")
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Optuna's per-trial lines follow t5qa's -q/-v like every other log message.
     require("optuna", "tune", "Hyperparameter search").logging.set_verbosity(logging.getLogger().getEffectiveLevel())
+    if args.decoding:
+        return _run_decoding(args)
     train_flags = {k: v for k, v in config_overrides(args, TrainConfig).items() if k not in _EXCLUDED}
     base, space = load_search_config(args.config, **train_flags)
     search = TuneConfig(**config_overrides(args, TuneConfig))
@@ -61,6 +67,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"table: {result.table_path}")
     for path in result.plot_paths:
         print(f"plot: {path}")
+    return 0
+
+
+def _run_decoding(args: argparse.Namespace) -> int:
+    """`tune --decoding`: search the generation settings of a trained model; print the trials and the gain."""
+    from t5qa.config import DataConfig, from_dict
+    from t5qa.errors import ConfigError
+    from t5qa.tune_decoding import SEARCHED, search_decoding
+
+    if not args.model or not args.validation:
+        raise ConfigError("tune --decoding needs --model (a trained model directory) and --validation (labelled "
+                          "data to score each setting on)")
+    data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
+    result = search_decoding(args.model, args.validation, trials=args.trials or 20, data_config=data,
+                             max_examples=args.max_eval_examples, metric=args.metric, seed=args.seed or 0)
+    header = ["trial", *SEARCHED, "f1", "exact_match", "seconds"]
+    print_table([[_cell(row[k]) for k in header] for row in result.trials], header=header)
+    print()
+    print(result.describe())
     return 0
 
 
