@@ -132,6 +132,9 @@ class GenerateConfig:
     (log-probability per token; noanswer.py); None uses the threshold calibrated and saved with the model, if any."""
     calibrated_no_answer: bool = True
     """Apply the no-answer threshold saved with the model (--no-calibrated-no-answer: the model's own choice)."""
+    grounded: bool = False
+    """Constrain each answer to a contiguous span of its context window's tokens, or the empty answer
+    (grounding.py); with the ct2 backend, the first of the n-best answers found in the context."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -123,6 +123,9 @@ def evaluate_model(
         "token_accuracy": correct_total / tokens_total if tokens_total else 0.0,
     }
     scores = score_predictions(metric, [(r["id"], r["prediction"], r["references"]) for r in predictions])
+    answered = [r["in_context"] for r in predictions if r.get("in_context") is not None]
+    # Of the non-empty answers, the share found in their context (grounding.find_in_context), 0-100.
+    metrics["answers_in_context"] = 100.0 * sum(answered) / len(answered) if answered else 0.0
     no_answer = None
     if calibrate:
         predictions, no_answer, scores = _calibrate(predictions, metric, scores)
@@ -229,6 +232,7 @@ def _row(example: QAExample, answer: Answer, metric: str) -> dict[str, Any]:
         "window": answer.window_index,
         "num_windows": answer.num_windows,
         "score": answer.score,
+        "in_context": answer.in_context,
         **({"margin": answer.margin, "candidate": answer.candidate} if answer.margin is not None else {}),
         **_example_shape(example),
     }

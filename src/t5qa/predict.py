@@ -36,12 +36,15 @@ from typing import Any, Sequence
 from t5qa.config import EncodeConfig, GenerateConfig
 from t5qa.encode import Window, encode_windows, format_source, pad_batch
 from t5qa.errors import ConfigError, DataError, ModelError
+from t5qa.grounding import SpanConstraint, find_in_context
 from t5qa.noanswer import apply_threshold, read_threshold
 
 logger = logging.getLogger(__name__)
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 BACKENDS = ("torch", "ct2")
+# Grounded answering with CTranslate2: the n-best list that is searched for an answer in the context.
+GROUNDED_CT2_BEAMS = 4
 # Answer length limit when the model directory says nothing about its training answers.
 FALLBACK_ANSWER_TOKENS = 32
 # What `t5qa tune --decoding` searches and saves in t5qa.json (tune_decoding.py); applied where the caller keeps
@@ -77,6 +80,12 @@ class Answer:
     """The best non-empty answer (where measured), also when the threshold or the model chose the empty one."""
     no_answer_score: float | None = None
     """Log-probability of the empty answer (</s> first) in that window (where measured)."""
+    in_context: bool | None = None
+    """Whether the answer is in its context (grounding.find_in_context); None for the empty answer."""
+    answer_char_start: int | None = None
+    """Where the answer starts in the context (character offset), when it is there."""
+    answer_char_end: int | None = None
+    """Where it ends (exclusive)."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -115,6 +124,8 @@ class _Item:
 
     pair_index: int
     window: Window
+    context: str = ""
+    """The window's part of the context."""
     text: str = ""
     score: float = float("-inf")
     seconds: float = 0.0
@@ -278,6 +289,11 @@ class Predictor:
             if bar is not None:
                 bar.close()
         answers = _best_per_pair(items, len(pairs), threshold)
+        for answer, (context, _) in zip(answers, pairs):
+            span = find_in_context(answer.text, context)
+            answer.in_context = None if not answer.text else span is not None
+            if span is not None:
+                answer.answer_char_start, answer.answer_char_end = span
         self.stats.questions += len(pairs)
         self.stats.windows += len(items)
         self.stats.batches += len(batches)
@@ -344,9 +360,10 @@ class Predictor:
         items: list[_Item] = []
         for index, ((context, question), input_ids) in enumerate(zip(pairs, ids)):
             if len(input_ids) <= cfg.max_source_tokens:
-                items.append(_Item(index, Window(list(input_ids), 0, len(context), 0, 1)))
+                items.append(_Item(index, Window(list(input_ids), 0, len(context), 0, 1), context))
             else:
-                items.extend(_Item(index, w) for w in encode_windows(self.tokenizer, question, context, cfg))
+                items.extend(_Item(index, w, context[w.context_char_start:w.context_char_end])
+                             for w in encode_windows(self.tokenizer, question, context, cfg))
         return items
 
 
@@ -395,6 +412,11 @@ class TorchBackend:
         if not greedy:
             kwargs["length_penalty"] = gen.length_penalty
             kwargs["output_scores"] = True  # needed for sequences_scores
+        if gen.grounded:
+            tokenizer = self.tokenizer
+            contexts = tokenizer([item.context for item in batch], add_special_tokens=False)["input_ids"]
+            never = [t for t in (tokenizer.unk_token_id, pad_id) if t is not None]
+            kwargs["prefix_allowed_tokens_fn"] = SpanConstraint(contexts, tokenizer.eos_token_id, never).for_generate()
         was_training = model.training
         model.eval()
         try:
@@ -442,11 +464,15 @@ class CT2Backend:
         tokenizer = self.tokenizer
         sources = [tokenizer.convert_ids_to_tokens(item.window.input_ids) for item in batch]
         longest = max(len(s) for s in sources)
+        # CTranslate2 takes no constraint function: grounded, it returns the first of its n-best hypotheses that
+        # is in the context (beam search with at least GROUNDED_CT2_BEAMS beams), else the empty answer.
+        beams = max(gen.num_beams, GROUNDED_CT2_BEAMS) if gen.grounded else gen.num_beams
         stats.real_tokens += sum(len(s) for s in sources)
         stats.padded_tokens += longest * len(sources)
         results = self.translator.translate_batch(
             sources,
-            beam_size=gen.num_beams,
+            beam_size=beams,
+            num_hypotheses=beams if gen.grounded else 1,
             max_decoding_length=max_new_tokens,
             min_decoding_length=gen.min_new_tokens,
             length_penalty=gen.length_penalty,
@@ -456,14 +482,22 @@ class CT2Backend:
             max_input_length=0,  # windows already fit the model's input
         )
         out = []
-        for result in results:
-            tokens = result.hypotheses[0]
+        for item, result in zip(batch, results):
+            choice = 0
+            if gen.grounded:
+                texts = [tokenizer.decode(tokenizer.convert_tokens_to_ids(h), skip_special_tokens=True).strip()
+                         for h in result.hypotheses]
+                choice = next((k for k, t in enumerate(texts) if not t or find_in_context(t, item.context)), -1)
+                if choice < 0:
+                    out.append(("", float(result.scores[-1]) if result.scores else float("-inf")))
+                    continue
+            tokens = result.hypotheses[choice]
             ids = tokenizer.convert_tokens_to_ids(tokens)
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             # CTranslate2's score is sum(log p) / length ** length_penalty over the tokens including </s>
             # (greedy search uses the same normalisation): with length_penalty=1, the mean per token.
-            score = float(result.scores[0]) if result.scores else float("-inf")
-            if gen.num_beams == 1 and gen.length_penalty != 1.0 and tokens:
+            score = float(result.scores[choice]) if result.scores else float("-inf")
+            if beams == 1 and gen.length_penalty != 1.0 and tokens:
                 score = score * len(tokens) ** gen.length_penalty / len(tokens)
             out.append((text, score))
         if not measure_no_answer:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 # Generation options a request may set; each overrides the server's GenerateConfig for that request only.
 GENERATE_OPTIONS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty", "no_repeat_ngram_size",
-                    "no_answer_margin")
+                    "no_answer_margin", "grounded")
 
 
 @dataclass

@@ -40,6 +40,7 @@ class AnswerRequest(BaseModel):
     min_new_tokens: int | None = Field(None, description="Shortest answer in tokens.")
     length_penalty: float | None = Field(None, ge=-10.0, le=10.0, description="Beam-search length penalty.")
     no_repeat_ngram_size: int | None = Field(None, ge=0, le=20, description="Forbid repeated n-grams.")
+    grounded: bool | None = Field(None, description="Constrain the answer to a span of the context (or empty).")
     no_answer_margin: float | None = Field(
         None, ge=-1000.0, le=1000.0, description="Answer only when the answer's score beats the empty answer's by "
                                                "this margin (default: the threshold calibrated with the model, if any).")
@@ -72,6 +73,10 @@ class AnswerOut(BaseModel):
                                                   "(character offset).")
     window_char_end: int = Field(0, description="Where the answering window ends (exclusive).")
     seconds: float | None = Field(None, description="This pair's share of the model time.")
+    in_context: bool | None = Field(None, description="Whether the answer is in the context (null when empty).")
+    answer_char_start: int | None = Field(None, description="Where the answer starts in the context, when it is "
+                                                            "there (character offset).")
+    answer_char_end: int | None = Field(None, description="Where it ends (exclusive).")
     margin: float | None = Field(None, description="Where a no-answer threshold applies: the best non-empty "
                                                    "answer's score minus the empty answer's.")
     candidate: str | None = Field(None, description="Where a no-answer threshold applies: the best non-empty "
@@ -85,7 +90,9 @@ class AnswerOut(BaseModel):
                    window_char_start=getattr(answer, "window_char_start", 0),
                    window_char_end=getattr(answer, "window_char_end", 0),
                    seconds=getattr(answer, "seconds", None), margin=_finite(getattr(answer, "margin", None)),
-                   candidate=getattr(answer, "candidate", None))
+                   candidate=getattr(answer, "candidate", None), in_context=getattr(answer, "in_context", None),
+                   answer_char_start=getattr(answer, "answer_char_start", None),
+                   answer_char_end=getattr(answer, "answer_char_end", None))
 
 
 def _finite(value: Any) -> float | None:
