@@ -131,3 +131,42 @@ def test_page_sends_the_api_key_the_user_types(browser: Any, predictor: Any) -> 
         assert page.text_content("#answer") == predictor.answer(CONTEXT, QUESTION).text
         assert page.is_hidden("#error")
         page.close()
+
+
+class SpanPredictor:
+    """Answers with a known span of the context, and records what the page asked for."""
+
+    backend = "span"
+
+    def __init__(self) -> None:
+        self.options: list[dict[str, Any]] = []
+
+    def answer_many(self, pairs: list[tuple[str, str]], **options: Any) -> list[Any]:
+        from t5qa.predict import Answer
+
+        self.options.append(options)
+        answers = []
+        for context, _ in pairs:
+            start = context.index("credit")
+            answers.append(Answer(text="credit <b>card</b>", score=-0.1, window_index=0, num_windows=1, seconds=0.0,
+                                  in_context=True, answer_char_start=start, answer_char_end=start + 18))
+        return answers
+
+
+def test_page_marks_the_answer_in_its_context_and_asks_grounded(browser: Any) -> None:
+    from t5qa.serve import create_app
+
+    context = "Anomaly detection finds rare events, such as credit <b>card</b> fraud detection."
+    spans = SpanPredictor()
+    with running_server(create_app(spans)) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.click("#options summary")
+        page.check("#grounded")
+        _ask(page, context, "What is an example?")
+        page.wait_for_selector("#where:not([hidden])", timeout=20_000)
+        assert page.text_content("#where mark") == "credit <b>card</b>"  # marked, and shown as text
+        assert page.text_content("#where") == context
+        assert page.locator("#where b").count() == 0
+        page.close()
+    assert spans.options[-1].get("grounded") is True

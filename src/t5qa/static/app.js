@@ -63,6 +63,7 @@
     const maxNewTokens = optionalInt("max-new-tokens");
     if (numBeams !== undefined) body.num_beams = numBeams;
     if (maxNewTokens !== undefined) body.max_new_tokens = maxNewTokens;
+    if ($("grounded").checked) body.grounded = true;
 
     $("ask").disabled = true;
     $("busy").hidden = false;
@@ -83,6 +84,7 @@
       const answer = data.answer || data.answers[0];
       $("answer").textContent = answer.text === "" ? "(no answer found in the context)" : answer.text;
       $("answer").classList.toggle("empty", answer.text === "");
+      showWhere(body.context, answer);
       $("timing").textContent = "model " + ms(data.model_seconds) + " · server " + ms(data.server_seconds) +
         " · round trip " + ms(roundTrip);
       const score = answer.score === null ? "n/a" : answer.score.toFixed(3);
@@ -95,6 +97,24 @@
       $("ask").disabled = false;
       $("busy").hidden = true;
     }
+  }
+
+  // The answer in its context: a stretch of the text around it, the answer marked (text nodes only).
+  function showWhere(context, answer) {
+    const where = $("where");
+    where.replaceChildren();
+    if (answer.answer_char_start === null || answer.answer_char_start === undefined) {
+      where.textContent = answer.text === "" ? "" : "(this answer is not in the text)";
+      where.hidden = answer.text === "";
+      return;
+    }
+    const start = answer.answer_char_start, end = answer.answer_char_end, around = 160;
+    const from = Math.max(0, start - around), to = Math.min(context.length, end + around);
+    const mark = document.createElement("mark");
+    mark.textContent = context.slice(start, end);
+    where.append((from > 0 ? "…" : "") + context.slice(from, start), mark,
+                 context.slice(end, to) + (to < context.length ? "…" : ""));
+    where.hidden = false;
   }
 
   document.addEventListener("DOMContentLoaded", function () {
