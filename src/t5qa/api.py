@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -177,21 +176,17 @@ def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig
 
 def _save_no_answer(model_dir: Path, calibration: dict[str, Any]) -> None:
     """Write the calibration into the model's t5qa.json (replaced whole, so a crash leaves the old file)."""
-    from t5qa.modeling import read_meta
+    from t5qa.modeling import update_meta
     from t5qa.noanswer import META_KEY
-    from t5qa.rundir import MODEL_META_FILE, write_json
 
     if not model_dir.is_dir():
         raise ConfigError(f"--calibrate-no-answer saves the threshold with the model; {model_dir} is not a local "
                           "model directory")
-    path = model_dir / MODEL_META_FILE
-    partial = path.with_name(path.name + ".tmp")
     try:
-        write_json(partial, {**read_meta(model_dir), META_KEY: calibration})
-        os.replace(partial, path)
+        update_meta(model_dir, META_KEY, calibration)
     except OSError as exc:
-        raise ModelError(f"{path}: cannot save the no-answer threshold ({exc.strerror or exc}); check that the "
-                         "model directory is writable") from None
+        raise ModelError(f"{model_dir}: cannot save the no-answer threshold ({exc.strerror or exc}); check that "
+                         "the model directory is writable") from None
 
 
 def score_predictions(predictions: str | Path, data: str | Path, *, data_config: DataConfig | None = None,

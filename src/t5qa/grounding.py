@@ -27,15 +27,14 @@ class SpanConstraint:
             eos_id: the end token, allowed at every step (an empty answer, or the end of a span).
             never: ids never allowed (the model's unknown and padding tokens).
         """
-        banned = set(never)
         self.eos_id = int(eos_id)
-        self.contexts = [[t for t in ids] for ids in contexts]
-        self.banned = banned
+        self.contexts = [list(ids) for ids in contexts]
+        self.banned = set(never)
         self._positions: list[dict[int, list[int]]] = []
         for ids in self.contexts:
             where: dict[int, list[int]] = defaultdict(list)
             for i, token in enumerate(ids):
-                if token not in banned:
+                if token not in self.banned:
                     where[token].append(i)
             self._positions.append(where)
 
@@ -46,10 +45,9 @@ class SpanConstraint:
             return sorted(where) + [self.eos_id]
         if prefix[-1] == self.eos_id:  # finished: anything (the step is padding)
             return [self.eos_id]
-        n = len(prefix)
+        n, prefix = len(prefix), list(prefix)
         following = {context[i + n] for i in where.get(prefix[0], ())
-                     if i + n < len(context) and list(context[i:i + n]) == list(prefix)
-                     and context[i + n] not in self.banned}
+                     if i + n < len(context) and context[i:i + n] == prefix and context[i + n] not in self.banned}
         return sorted(following) + [self.eos_id]
 
     def for_generate(self, start_tokens: int = 1):

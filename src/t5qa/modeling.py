@@ -428,6 +428,20 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelError(f"{path}: unreadable t5qa metadata ({exc}); delete the file to use defaults") from None
 
 
+def update_meta(directory: str | os.PathLike, key: str, value: Any) -> None:
+    """Set one key of the t5qa.json saved with a model; the file is replaced whole, so a crash leaves the old one.
+
+    Raises:
+        OSError: the directory cannot be written (callers say which setting was not saved).
+    """
+    from t5qa.rundir import write_json
+
+    path = Path(directory) / MODEL_META_FILE
+    partial = path.with_name(path.name + ".tmp")
+    write_json(partial, {**read_meta(directory), key: value})
+    os.replace(partial, path)
+
+
 def count_parameters(model: Any, *, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -153,6 +153,7 @@ class Predictor:
         default_max_new_tokens: the answer length limit when `generate.max_new_tokens` is None; None uses
             `encode.max_target_tokens`.
         ct2_compute_type: CTranslate2 compute type ("default" keeps the export's quantization).
+        saved_no_answer_threshold: the no-answer threshold calibrated for the model (noanswer.py), if any.
     Raises:
         ConfigError: an unknown backend, or "ct2" without a directory.
     """
@@ -168,6 +169,7 @@ class Predictor:
         *,
         default_max_new_tokens: int | None = None,
         ct2_compute_type: str = "default",
+        saved_no_answer_threshold: float | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -182,7 +184,7 @@ class Predictor:
         self.backend = backend
         self.default_max_new_tokens = int(default_max_new_tokens or encode.max_target_tokens)
         self.stats = InferenceStats()
-        self.saved_no_answer_threshold: float | None = None
+        self.saved_no_answer_threshold = saved_no_answer_threshold
         """The no-answer threshold calibrated for this model (t5qa.json `no_answer`), if any."""
         self._runner: TorchBackend | CT2Backend = (
             CT2Backend(Path(ct2_dir), tokenizer, ct2_compute_type) if backend == "ct2"  # type: ignore[arg-type]
@@ -238,16 +240,14 @@ class Predictor:
                 )
             tokenizer = load_tokenizer(str(path), trust_remote_code=trust_remote_code)
             compute_type = str(meta.get(CT2_META_KEY, {}).get("quantization") or "default")
-            predictor = cls(None, tokenizer, encode, generate, backend="ct2", ct2_dir=path,
-                            default_max_new_tokens=default_max_new_tokens(meta), ct2_compute_type=compute_type)
-            predictor.saved_no_answer_threshold = read_threshold(meta)
-            return predictor
+            return cls(None, tokenizer, encode, generate, backend="ct2", ct2_dir=path,
+                       default_max_new_tokens=default_max_new_tokens(meta), ct2_compute_type=compute_type,
+                       saved_no_answer_threshold=read_threshold(meta))
         if is_ct2:
             raise ModelError(f"{path}: this is a CTranslate2 export; answer with it using --backend ct2")
         model, tokenizer = load_model(str(directory), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        predictor = cls(model, tokenizer, encode, generate, default_max_new_tokens=default_max_new_tokens(meta))
-        predictor.saved_no_answer_threshold = read_threshold(meta)
-        return predictor
+        return cls(model, tokenizer, encode, generate, default_max_new_tokens=default_max_new_tokens(meta),
+                   saved_no_answer_threshold=read_threshold(meta))
 
     # ---------------------------------------------------------------------------------------- answering
 
@@ -483,17 +483,15 @@ class CT2Backend:
         )
         out = []
         for item, result in zip(batch, results):
+            texts = [tokenizer.decode(tokenizer.convert_tokens_to_ids(h), skip_special_tokens=True).strip()
+                     for h in result.hypotheses]
             choice = 0
             if gen.grounded:
-                texts = [tokenizer.decode(tokenizer.convert_tokens_to_ids(h), skip_special_tokens=True).strip()
-                         for h in result.hypotheses]
                 choice = next((k for k, t in enumerate(texts) if not t or find_in_context(t, item.context)), -1)
                 if choice < 0:
                     out.append(("", float(result.scores[-1]) if result.scores else float("-inf")))
                     continue
-            tokens = result.hypotheses[choice]
-            ids = tokenizer.convert_tokens_to_ids(tokens)
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            tokens, text = result.hypotheses[choice], texts[choice]
             # CTranslate2's score is sum(log p) / length ** length_penalty over the tokens including </s>
             # (greedy search uses the same normalisation): with length_penalty=1, the mean per token.
             score = float(result.scores[choice]) if result.scores else float("-inf")

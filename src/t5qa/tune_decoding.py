@@ -12,9 +12,7 @@ transformers uses it too) and t5qa.json `decoding` (the setting, the F1 before a
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,7 +22,6 @@ from typing import Any, Sequence
 from t5qa.config import DataConfig, GenerateConfig
 from t5qa.errors import ConfigError, ModelError, require
 from t5qa.predict import DECODING_META_KEY, SEARCHED_DECODING as SEARCHED
-from t5qa.rundir import MODEL_META_FILE, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +172,7 @@ def _write(model_dir: Path, setting: dict[str, Any], record: dict[str, Any]) -> 
     """The setting into generation_config.json and t5qa.json (each replaced whole)."""
     from transformers import GenerationConfig
 
-    from t5qa.modeling import read_meta
+    from t5qa.modeling import update_meta
 
     try:
         generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() \
@@ -183,15 +180,7 @@ def _write(model_dir: Path, setting: dict[str, Any], record: dict[str, Any]) -> 
         for name, value in setting.items():
             setattr(generation, name, value)
         generation.save_pretrained(model_dir)
-        meta_path = model_dir / MODEL_META_FILE
-        partial = meta_path.with_name(meta_path.name + ".tmp")
-        write_json(partial, {**read_meta(model_dir), DECODING_META_KEY: {"settings": setting, **record}})
-        os.replace(partial, meta_path)
+        update_meta(model_dir, DECODING_META_KEY, {"settings": setting, **record})
     except OSError as exc:
         raise ModelError(f"{model_dir}: cannot write the decoding settings ({exc.strerror or exc}); check that the "
                          "model directory is writable") from None
-
-
-def dumps(result: DecodingSearchResult) -> str:
-    """The result as JSON (for --json)."""
-    return json.dumps(dataclasses.asdict(result), indent=2, default=str)
