@@ -6,6 +6,8 @@ Implementations (each written the way its users write it):
                    default_data_collator, random sampling.
   trainer-best     the same script with its best flags: dynamic padding (DataCollatorForSeq2Seq) and
                    train_sampling_strategy="group_by_length" (transformers 5's name for group_by_length).
+  trainer-compile  trainer-best with torch_compile=True (TorchInductor; compiling falls in the untimed warm-up
+                   epoch, and a new batch shape that recompiles falls where it happens).
   plain-512        the tutorial / simpleT5 loop: tokenizer(..., padding="max_length", max_length=512),
                    targets padded to 30, AdamW, shuffle.
   t5qa             t5qa.train.fit(TrainConfig(...)) with its defaults, evaluation and saving pushed past the end.
@@ -28,7 +30,7 @@ from typing import Any
 
 import common
 
-IMPLS = ("trainer-default", "trainer-best", "plain-512", "t5qa")
+IMPLS = ("trainer-default", "trainer-best", "trainer-compile", "plain-512", "t5qa")
 
 
 EXAMPLES: int | None = None  # --examples: train on this fixed random subset (the same one for every tool)
@@ -63,7 +65,8 @@ def _train_file(work: Path) -> str:
     return str(path)
 
 
-def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer: common.StepTimer) -> Any:
+def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer: common.StepTimer,
+                compile_model: bool = False) -> Any:
     import datasets
     from transformers import (
         AutoModelForSeq2SeqLM,
@@ -106,6 +109,7 @@ def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer:
         eval_strategy="no",
         disable_tqdm=True,
         seed=42,
+        torch_compile=compile_model,
     )
 
     class Timing(TrainerCallback):
@@ -115,7 +119,8 @@ def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer:
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train, data_collator=collator,
                              processing_class=tokenizer, callbacks=[Timing()])
     trainer.train()
-    return model.config, {"optimizer": str(args.optim), "sampling": args.train_sampling_strategy}
+    return model.config, {"optimizer": str(args.optim), "sampling": args.train_sampling_strategy,
+                          "torch_compile": compile_model}
 
 
 def run_plain(model_dir: str, steps: int, timer: common.StepTimer) -> Any:
@@ -226,6 +231,8 @@ def main() -> None:
             config, extra = run_trainer(args.model_dir, False, total, work, timer)
         elif args.impl == "trainer-best":
             config, extra = run_trainer(args.model_dir, True, total, work, timer)
+        elif args.impl == "trainer-compile":
+            config, extra = run_trainer(args.model_dir, True, total, work, timer, compile_model=True)
         elif args.impl == "plain-512":
             config, extra = run_plain(args.model_dir, total, timer)
         else:

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
-TRAIN_IMPLS = ("trainer-best", "t5qa", "trainer-default", "plain-512")
+TRAIN_IMPLS = ("trainer-best", "t5qa", "trainer-compile", "trainer-default", "plain-512")
 PREDICT_IMPLS = ("generate-16", "t5qa-torch", "t5qa-ct2-int8", "t5qa-ct2-float32", "generate-1")
 # Implementations whose batches all have the same shape (everything padded to a fixed length): their step time
 # does not depend on which examples are drawn, so fewer timed steps give an unbiased rate.
@@ -58,7 +58,7 @@ QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questi
 FULL = Mode("full", warmup_steps=2, timed_steps=80, timed_steps_fixed=10, questions=440, profile=True, rounds=2)
 # trainer-default joins the rounds too (its own fixed-shape step count per round, on the whole training file):
 # run once, its figure followed the machine's state of that one minute.
-ALTERNATING = ("trainer-best", "t5qa", "trainer-default")
+ALTERNATING = ("trainer-best", "t5qa", "trainer-compile", "trainer-default")
 
 TARGETS = {
     "train_vs_trainer_best": 1.3,
@@ -287,12 +287,14 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
             f"{r['useful_flop_per_second'] / 1e9:.1f} | {fmt(100 * r['useful_flop_per_second'] / peak if peak else None, 0)}% | "
             f"{r['cpu_per_wall']:.2f} | {r['peak_rss_mb']:.0f} |")
     add("")
-    add(f"trainer-best and t5qa each train two epochs over the same {results.get('train_examples', '?')} "
+    add(f"trainer-best, trainer-compile (trainer-best with torch_compile=True) and t5qa each train two epochs "
+        f"over the same {results.get('train_examples', '?')} "
         "examples (a fixed random subset of the training file) per round: the first epoch warms up, the second is "
         "timed, so both are timed on exactly the same examples (the Trainer's length-grouped sampler puts its "
         "longest batch first in every epoch, so a warm-up of a few steps would take its longest batches out of "
-        "its timing). trainer-default (fixed shapes) trains on the whole file. The three alternate round by "
-        "round, and their figures total the rounds (samples/s of each round in brackets).")
+        "its timing; compiling falls in the first epoch too). trainer-default (fixed shapes) trains on the whole "
+        "file. The four alternate round by round, and their figures total the rounds (samples/s of each round in "
+        "brackets).")
     add("")
     add("*t5qa vs this* is t5qa's samples/s divided by this row's. Useful FLOPs count only real (non-padding) tokens "
         "(bench/flops.py; it matches torch.utils.flop_counter exactly on T5), so padding earns no credit. "

@@ -10,6 +10,7 @@ import torch
 from conftest import synthetic_copy_examples
 from t5qa.config import EncodeConfig, GenerateConfig
 from t5qa.errors import ConfigError, DataError, ModelError
+from t5qa.fastpath import decoding
 from t5qa.predict import Answer, Predictor, _Item, default_max_new_tokens
 
 
@@ -116,8 +117,13 @@ def test_default_answer_length_comes_from_the_model(tiny_model_dir, caplog, monk
         return original(*args, **kwargs)
 
     monkeypatch.setattr(predictor.model, "generate", spy)
+    lean = decoding.LeanGreedy.decode
+    monkeypatch.setattr(decoding.LeanGreedy, "decode", lambda self, *a, **k: seen.update(k) or lean(self, *a, **k))
     predictor.answer("the code is kilo .", "what is the code?")
     assert seen["max_new_tokens"] == 4
+    seen.clear()
+    predictor.answer("the code is kilo .", "what is the code?", num_beams=2)  # beam search: generate
+    assert seen["max_new_tokens"] == 4 and seen["num_beams"] == 2
     assert default_max_new_tokens({"max_target_tokens": 24}) == 24
     with caplog.at_level(logging.INFO, logger="t5qa.predict"):
         assert default_max_new_tokens({}) == 32

@@ -51,6 +51,8 @@ def test_the_search_writes_the_best_settings_and_predict_uses_them(model_and_dat
     assert [a.text for a in tuned.answer_many([(e["context"], e["question"]) for e in examples])] == references
     # A setting the caller gives is kept.
     assert Predictor.from_pretrained(model_dir, generate=GenerateConfig(max_new_tokens=4)).max_new_tokens() == 4
+    # ...also where it equals the default, when the caller names it (as the commands do with every flag given).
+    assert Predictor.from_pretrained(model_dir, chosen=("max_new_tokens",)).max_new_tokens() == 4
 
     again = search_decoding(model_dir, validation, trials=4, space={"max_new_tokens": [2, 4], "num_beams": [1]})
     assert again.f1_before == 100.0 and not again.written  # nothing better to write
@@ -77,3 +79,25 @@ def test_a_bad_space_is_one_clear_error(model_and_data) -> None:
         search_decoding(model_dir, validation, space={"temperature": [0.5]})
     with pytest.raises(ConfigError, match="num_beams=0"):
         search_decoding(model_dir, validation, space={"num_beams": [0, 1]})
+
+
+def test_grounding_is_searched_and_applied(chatty_model_dir: Path, tmp_path: Path) -> None:
+    from t5qa.data import write_jsonl
+    from t5qa.tune_decoding import search_decoding
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(chatty_model_dir, model_dir)
+    examples = synthetic_copy_examples(10, seed=43)
+    pairs = [(ex.context, ex.question) for ex in examples]
+    grounded = Predictor.from_pretrained(model_dir, generate=GenerateConfig(grounded=True)).answer_many(pairs)
+    free = Predictor.from_pretrained(model_dir).answer_many(pairs)
+    assert [a.text for a in grounded] != [a.text for a in free]  # the untrained model answers outside its context
+    write_jsonl([dataclasses.replace(ex, answers=(a.text,), answer_starts=(-1,)) for ex, a in zip(examples, grounded)],
+                tmp_path / "validation.jsonl")
+    result = search_decoding(model_dir, tmp_path / "validation.jsonl", trials=2,
+                             space={"grounded": [False, True], "num_beams": [1]})
+    assert result.best["grounded"] is True and result.f1_after == 100.0 and result.written
+    assert "grounded" not in json.loads((model_dir / "generation_config.json").read_text())  # t5qa's own setting
+    tuned = Predictor.from_pretrained(model_dir)
+    assert tuned.generate_config.grounded
+    assert [a.text for a in tuned.answer_many(pairs)] == [a.text for a in grounded]

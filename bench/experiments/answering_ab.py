@@ -2,8 +2,9 @@
 process.
 
 The first --questions TyDi QA dev questions, greedy, exactly 16 new tokens each, sources cut at 384 tokens (the
-setting of bench_predict.py). Three variants alternate round by round, so load from other jobs hits each:
-generate-16 (model.generate on batches of 16 in file order), t5qa with --no-fast-answering, and t5qa's default.
+setting of bench_predict.py). Four variants alternate round by round, so load from other jobs hits each:
+generate-16 (model.generate on batches of 16 in file order), t5qa with --no-fast-answering, t5qa's fast paths
+around `generate` without the lean decoding loop (fastpath/decoding.py), and t5qa's default.
 Prints questions/s per round and how many answers equal generate-16's.
 
     .venv/bin/python bench/experiments/answering_ab.py --model-dir DIR [--questions 96] [--rounds 3]
@@ -34,7 +35,8 @@ pairs = [(r.context, r.question) for r in common.read_squad(common.DEV_FILE)[:ar
 predictors = {
     name: Predictor.from_pretrained(args.model_dir, max_source_tokens=common.MAX_SOURCE_TOKENS, generate=GenerateConfig(
         min_new_tokens=common.NEW_TOKENS, max_new_tokens=common.NEW_TOKENS, fast_answering=fast))
-    for name, fast in (("t5qa --no-fast-answering", False), ("t5qa", True))}
+    for name, fast in (("t5qa --no-fast-answering", False), ("t5qa, generate", True), ("t5qa", True))}
+predictors["t5qa, generate"]._runner.fast.lean = None  # the fast paths around generate, without the lean loop
 tokenizer, model = predictors["t5qa"].tokenizer, predictors["t5qa"].model
 
 

@@ -19,7 +19,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from t5qa.config import DataConfig, EncodeConfig, GenerateConfig, TrainConfig, load_train_config, to_dict
 from t5qa.errors import ConfigError, DataError, ModelError
@@ -138,19 +138,20 @@ def train(config: TrainConfig | str | Path | None = None, *, on_evaluate: Callab
 
 def load_predictor(model_dir: str | Path, *, backend: str = "torch", generate: GenerateConfig | None = None,
                    stride_tokens: int | None = None, max_source_tokens: int | None = None,
-                   allow_pickle: bool = False, trust_remote_code: bool = False) -> Any:
-    """The `predict.Predictor` of a saved model (its prompt, input length and answer length come with it)."""
+                   allow_pickle: bool = False, trust_remote_code: bool = False, chosen: Sequence[str] = ()) -> Any:
+    """The `predict.Predictor` of a saved model (its prompt, input length and answer length come with it).
+    `chosen` names the `generate` fields the caller set, kept over the decoding settings tuned for the model."""
     from t5qa.predict import Predictor
 
     return Predictor.from_pretrained(str(model_dir), backend=backend, generate=generate,
                                      stride_tokens=stride_tokens, max_source_tokens=max_source_tokens,
-                                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, chosen=chosen)
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig | None = None,
              generate: GenerateConfig | None = None, metric: str | None = None, stride_tokens: int | None = None,
              max_examples: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-             calibrate_no_answer: bool = False) -> Any:
+             calibrate_no_answer: bool = False, chosen: Sequence[str] = ()) -> Any:
     """Score a saved model on every question of `data` (nothing dropped); returns `evaluate.EvalResult`.
 
     The input settings come from the model directory; `generate` fields left at None take the model's defaults
@@ -164,7 +165,7 @@ def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig
         raise ConfigError(f"--calibrate-no-answer: every question in {data} has an answer; calibrate on validation "
                           "data with unanswerable questions (SQuAD v2.0 style)")
     predictor = load_predictor(model_dir, generate=generate, stride_tokens=stride_tokens,
-                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, chosen=chosen)
     settings = predictor.generate_settings()
     result = evaluate_model(predictor.model, predictor.tokenizer, examples, predictor.encode_config, settings,
                             batch_size=settings.batch_size, metric=metric, calibrate_no_answer=calibrate_no_answer)

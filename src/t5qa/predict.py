@@ -50,7 +50,7 @@ FALLBACK_ANSWER_TOKENS = 32
 # What `t5qa tune --decoding` searches and saves in t5qa.json (tune_decoding.py); applied where the caller keeps
 # the default.
 DECODING_META_KEY = "decoding"
-SEARCHED_DECODING = ("num_beams", "length_penalty", "max_new_tokens", "no_repeat_ngram_size")
+SEARCHED_DECODING = ("num_beams", "length_penalty", "max_new_tokens", "no_repeat_ngram_size", "grounded")
 # Files that mark a directory written by `t5qa export --format ct2`.
 CT2_MODEL_FILE = "model.bin"
 CT2_META_KEY = "ct2"
@@ -203,6 +203,7 @@ class Predictor:
         trust_remote_code: bool = False,
         stride_tokens: int | None = None,
         max_source_tokens: int | None = None,
+        chosen: Sequence[str] = (),
     ) -> "Predictor":
         """Load a model directory (saved by t5qa or transformers) or a CTranslate2 export.
 
@@ -215,6 +216,8 @@ class Predictor:
             generate: decoding settings (defaults from config.py).
             allow_pickle, trust_remote_code: safety switches passed to `modeling.load_model`.
             stride_tokens, max_source_tokens: override the window settings saved with the model.
+            chosen: the `generate` fields the caller set (the flags given): kept even where they equal the default,
+                over the decoding settings that `t5qa tune --decoding` saved with the model.
         Returns:
             A ready Predictor.
         Raises:
@@ -228,7 +231,7 @@ class Predictor:
         path = Path(directory)
         is_ct2 = (path / CT2_MODEL_FILE).is_file()
         meta = read_meta(path) if path.is_dir() else {}
-        generate = with_tuned_decoding(generate or GenerateConfig(), meta)
+        generate = with_tuned_decoding(generate or GenerateConfig(), meta, chosen)
         encode = encode_config_from_meta(meta, stride_tokens=stride_tokens, max_source_tokens=max_source_tokens)
         if backend == "ct2":
             if not path.is_dir():
@@ -373,7 +376,8 @@ class Predictor:
 
 class TorchBackend:
     """transformers' `generate` on the model (greedy or beam search), in eval mode and inference mode, with the
-    CPU fast paths for answering (fastpath/answering.py) where they prove themselves."""
+    CPU fast paths for answering (fastpath/answering.py) where they prove themselves: among them, for greedy
+    search on the T5 family, a lean decoding loop in place of `generate` (fastpath/decoding.py)."""
 
     name = "torch"
 
@@ -412,34 +416,49 @@ class TorchBackend:
         if not greedy:
             kwargs["length_penalty"] = gen.length_penalty
             kwargs["output_scores"] = True  # needed for sequences_scores
+        constraint = None
         if gen.grounded:
             tokenizer = self.tokenizer
             contexts = tokenizer([item.context for item in batch], add_special_tokens=False)["input_ids"]
             never = [t for t in (tokenizer.unk_token_id, pad_id) if t is not None]
-            kwargs["prefix_allowed_tokens_fn"] = SpanConstraint(contexts, tokenizer.eos_token_id, never).for_generate()
+            constraint = SpanConstraint(contexts, tokenizer.eos_token_id, never)
         was_training = model.training
         model.eval()
         try:
             if gen.fast_answering:
                 self.fast.prove(input_ids, attention_mask)
+            # Greedy search without n-gram bans runs the lean loop (fastpath/decoding.py) where it has proven itself.
+            lean = (self.fast.lean_decoding(input_ids, attention_mask, gen.fast_answering)
+                    if greedy and not gen.no_repeat_ngram_size else None)
             with torch.inference_mode(), self.fast.linear(gen.fast_answering):
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+                if lean is not None:
+                    allowed = constraint.allowed if constraint is not None else None
+                    decoded = lean.decode(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                          min_new_tokens=gen.min_new_tokens, allowed=allowed)
+                else:
+                    if constraint is not None:
+                        kwargs["prefix_allowed_tokens_fn"] = constraint.for_generate()
+                    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                         **kwargs)
         finally:
             model.train(was_training)
-        generated = out.sequences[:, 1:]  # (batch, new_tokens): drop the decoder start token
-        if greedy:
-            scores = _mean_log_prob(generated, out.logits, self.tokenizer.eos_token_id, pad_id)
+        if lean is not None:
+            generated, scores, first = decoded.tokens, decoded.scores, decoded.first_logits
         else:
-            # Beam search already scores each sequence as sum(log p) / length ** length_penalty, which with
-            # the default length_penalty=1 is the mean log-probability per token.
-            scores = out.sequences_scores.float().tolist()
+            generated = out.sequences[:, 1:]  # (batch, new_tokens): drop the decoder start token
+            if greedy:
+                scores = _mean_log_prob(generated, out.logits, self.tokenizer.eos_token_id, pad_id)
+            else:
+                # Beam search already scores each sequence as sum(log p) / length ** length_penalty, which with
+                # the default length_penalty=1 is the mean log-probability per token.
+                scores = out.sequences_scores.float().tolist()
+            # The first step's raw logits: one row per input (beam search repeats each input num_beams times,
+            # and at the first step every beam of an input sees the same thing).
+            first = out.logits[0].float()[::gen.num_beams] if measure_no_answer else None
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         results = [(text.strip(), float(score)) for text, score in zip(texts, scores)]
         if not measure_no_answer:
             return results
-        # The first step's raw logits: one row per input (beam search repeats each input num_beams times, and
-        # at the first step every beam of an input sees the same thing).
-        first = out.logits[0].float()[::gen.num_beams]
         empty_scores = torch.log_softmax(first, dim=-1)[:, self.tokenizer.eos_token_id].tolist()
         return _with_candidates(self, batch, gen, max_new_tokens, stats, results, empty_scores)
 
@@ -530,16 +549,16 @@ def encode_config_from_meta(
     return EncodeConfig(**values)
 
 
-def with_tuned_decoding(generate: GenerateConfig, meta: dict[str, Any]) -> GenerateConfig:
+def with_tuned_decoding(generate: GenerateConfig, meta: dict[str, Any], chosen: Sequence[str] = ()) -> GenerateConfig:
     """`generate` with the setting `t5qa tune --decoding` saved (t5qa.json `decoding`) in every searched field the
-    caller left at its default."""
+    caller left at its default and did not name in `chosen`."""
     saved = meta.get(DECODING_META_KEY)
     settings = saved.get("settings") if isinstance(saved, dict) else None
     if not isinstance(settings, dict):
         return generate
     defaults = GenerateConfig()
     tuned = {k: v for k, v in settings.items()
-             if k in SEARCHED_DECODING and getattr(generate, k) == getattr(defaults, k)}
+             if k in SEARCHED_DECODING and k not in chosen and getattr(generate, k) == getattr(defaults, k)}
     try:
         return dataclasses.replace(generate, **tuned) if tuned else generate
     except ConfigError as exc:

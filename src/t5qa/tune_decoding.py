@@ -1,12 +1,13 @@
 """Decoding search (`t5qa tune --decoding`): the generation settings that maximise validation F1 of a trained model.
 
-Beams, length penalty, answer length and the no-repeat n-gram size move F1 as much as training settings do, and
+Beams, length penalty, answer length, the no-repeat n-gram size and grounding (answers held to spans of the
+context, grounding.py) move F1 as much as training settings do, and
 searching them costs no training: each trial answers the validation questions with one setting. Optuna samples
 the space (every combination in turn when there are no more of them than trials; TPE otherwise). The first trial
 is the model's current setting, so the search reports the F1 it gains over it.
 
 The best setting is written into the model directory: `generation_config.json` (so `model.generate` in plain
-transformers uses it too) and t5qa.json `decoding` (the setting, the F1 before and after, and the data), which
+transformers uses it too; grounding is t5qa's own and is not written there) and t5qa.json `decoding` (the setting, the F1 before and after, and the data), which
 `Predictor.from_pretrained` applies to every setting the caller leaves at its default.
 """
 
@@ -24,13 +25,15 @@ from t5qa.errors import ConfigError, ModelError, require
 from t5qa.predict import DECODING_META_KEY, SEARCHED_DECODING as SEARCHED
 
 logger = logging.getLogger(__name__)
+# The searched settings that are transformers' own, written into generation_config.json too.
+GENERATION_CONFIG_FIELDS = ("num_beams", "length_penalty", "max_new_tokens", "no_repeat_ngram_size")
 
 
 def default_space(answer_tokens: int) -> dict[str, list[Any]]:
     """The settings searched, around the model's answer length (its training answers' 99th percentile)."""
     lengths = sorted({max(1, answer_tokens // 2), answer_tokens, answer_tokens * 2})
     return {"num_beams": [1, 2, 4], "length_penalty": [0.6, 1.0, 1.5], "max_new_tokens": lengths,
-            "no_repeat_ngram_size": [0, 2, 3]}
+            "no_repeat_ngram_size": [0, 2, 3], "grounded": [False, True]}
 
 
 @dataclass
@@ -178,7 +181,8 @@ def _write(model_dir: Path, setting: dict[str, Any], record: dict[str, Any]) -> 
         generation = GenerationConfig.from_pretrained(model_dir) if (model_dir / "generation_config.json").is_file() \
             else GenerationConfig()
         for name, value in setting.items():
-            setattr(generation, name, value)
+            if name in GENERATION_CONFIG_FIELDS:
+                setattr(generation, name, value)
         generation.save_pretrained(model_dir)
         update_meta(model_dir, DECODING_META_KEY, {"settings": setting, **record})
     except OSError as exc:

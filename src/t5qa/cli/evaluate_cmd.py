@@ -68,11 +68,12 @@ def run(args: argparse.Namespace) -> int:
                                    no_answer_probs=args.no_answer_probs,
                                    no_answer_threshold=args.no_answer_threshold, max_examples=args.max_examples)
     else:
-        generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
+        flags = config_overrides(args, GenerateConfig)
+        generate = from_dict(GenerateConfig, flags, source="flags")
         result = evaluate(args.model, args.data, data_config=data, generate=generate, metric=args.metric,
                           stride_tokens=args.stride_tokens, max_examples=args.max_examples,
                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                          calibrate_no_answer=args.calibrate_no_answer)
+                          calibrate_no_answer=args.calibrate_no_answer, chosen=tuple(flags))
     analysis = write_predictions(result, args.output) if args.output else None
     _print_metrics({"metric": result.metric, **result.metrics}, as_json=args.json)
     if result.no_answer is not None and not args.json:

@@ -94,10 +94,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from t5qa.api import load_predictor, predict_file
 
     mode = _check_args(args)
-    generate = from_dict(GenerateConfig, config_overrides(args, GenerateConfig), source="flags")
+    flags = config_overrides(args, GenerateConfig)
+    generate = from_dict(GenerateConfig, flags, source="flags")
     predictor = load_predictor(args.model, backend=args.backend, generate=generate, allow_pickle=args.allow_pickle,
                                trust_remote_code=args.trust_remote_code, stride_tokens=args.stride_tokens,
-                               max_source_tokens=args.max_source_tokens)
+                               max_source_tokens=args.max_source_tokens, chosen=tuple(flags))
     if args.backend == "ct2" and getattr(args, "verbose", False):
         from t5qa.export import read_check
 

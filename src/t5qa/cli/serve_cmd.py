@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     serve = ServeConfig(limits=limits, **{k: v for k, v in config_overrides(args, ServeConfig).items()
                                            if k not in limit_names})
     generate_values = config_overrides(args, GenerateConfig)
+    chosen = tuple(generate_values)  # kept over the decoding settings tuned for the model
     # One model call then runs the whole micro-batch at once.
     generate_values.setdefault("batch_size", serve.max_batch_size)
     generate = GenerateConfig(**generate_values)
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app_from_dir(
         args.model, backend=args.backend, generate=generate, config=serve, api_key=api_key,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        chosen=chosen,
     )
     level = args.log_level or ("warning" if getattr(args, "quiet", False) else "info")
     where = f"http://{'[' + serve.host + ']' if ':' in serve.host else serve.host}:{serve.port}/"

@@ -7,6 +7,9 @@
   (32 x 512 x 32,128); bench/RESULTS.md measures whole runs.
 - `allocator`: glibc keeps freed memory between the batches of one `answer_many` call (allocator.py): each batch
   otherwise maps and faults in its activations afresh.
+- `decoding`: greedy answers from a lean loop over the T5 family's own modules (decoding.py: a cache allocated
+  once, cross-attention keys and values in one product, finished rows leaving the batch) instead of `generate`;
+  it proves itself on the first greedy batch (its logits against the stock forward pass's, decoding.TOLERANCE).
 
 Written for: fp32 models on the CPU, with no gradients (answering runs under inference mode). The linear path
 proves itself once per Predictor, on its model and its first batch: one forward pass over up to PROOF_ROWS inputs
@@ -25,7 +28,7 @@ import torch
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from t5qa.fastpath import allocator, linear
+from t5qa.fastpath import allocator, decoding, linear
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +77,14 @@ class FastAnswering:
         if parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
             where = "no parameters" if parameter is None else f"{parameter.device.type} {parameter.dtype}"
             self.not_used = {name: f"written for fp32 on the CPU; this model is {where}"
-                             for name in ("linear", "allocator")}
+                             for name in ("linear", "allocator", "decoding")}
             self._proven = True
+            self.lean = None
             return
+        self.lean: decoding.LeanDecoding | None = decoding.LeanDecoding(model)
+        if self.lean.why_not is not None:
+            self.not_used["decoding"] = self.lean.why_not
+            self.lean = None
         if allocator.available():
             self.used.append("allocator")
         else:
@@ -86,7 +94,24 @@ class FastAnswering:
             self._proven = True
 
     def summary(self) -> dict[str, Any]:
-        return {"used": list(self.used), "not_used": dict(self.not_used), "tolerance": TOLERANCE}
+        return {"used": list(self.used), "not_used": dict(self.not_used), "tolerance": TOLERANCE,
+                "decoding_tolerance": decoding.TOLERANCE}
+
+    def lean_decoding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      enabled: bool = True) -> decoding.LeanGreedy | None:
+        """The lean greedy loop where it is written for the model and proven (on this first batch, once), else
+        None: `generate` answers."""
+        if not enabled or self.lean is None:
+            return None
+        if not self.lean.proven:
+            with self.linear(enabled):
+                why = self.lean.prove(input_ids, attention_mask)
+            if why is None:
+                self.used.append("decoding")
+            else:
+                self.not_used["decoding"] = why
+                logger.warning("fast answering path decoding not used: %s; transformers' generate answers", why)
+        return self.lean.loop if self.lean.ready else None
 
     def prove(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """Decide the linear path on the first rows of the first batch (the padded source ids and mask); once."""

@@ -73,7 +73,7 @@ def create_app_from_dir(
 ) -> "FastAPI":
     """Like `create_app`, but the Predictor is loaded from `model_dir` at start-up (in the app's lifespan).
 
-    `safety` goes to `t5qa.api.load_predictor` (e.g. trust_remote_code, allow_pickle). A loading error is
+    `safety` goes to `t5qa.api.load_predictor` (e.g. trust_remote_code, allow_pickle, chosen). A loading error is
     kept in `app.state.t5qa.startup_error` so the CLI can report it in one line.
     """
 

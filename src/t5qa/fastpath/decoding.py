@@ -1,0 +1,289 @@
+"""A lean greedy decoding loop for the T5 family: what `predict.TorchBackend` answers with in place of
+transformers' `generate` where it has proven itself (issue 18).
+
+Why by hand: `generate` runs every step through the model's full forward, which grows the self-attention cache by
+concatenation (a copy of the whole cache at every step and layer), builds the causal and padding masks and the
+position bias again at every step, and keeps finished rows in the batch until the longest answer ends. No
+library offers a greedy loop over an encoder-decoder's own weights without those costs (transformers' static
+cache removes the concatenation only, and its continuous batching serves decoder-only models). This loop:
+
+- runs the model's own encoder module once per batch;
+- computes every decoder layer's cross-attention keys and values in one product over the encoder's output;
+- keeps the self-attention keys and values in a cache allocated once, written in place;
+- computes the decoder's relative position bias once per batch, for every step;
+- fuses each layer's query, key and value products into one;
+- lets finished rows leave the batch (their caches are compacted once a quarter of the batch has finished), so a
+  batch of short answers stops paying for the rows that are done.
+
+It implements exactly what `generate` does for greedy search with t5qa's settings: the decoder start token, argmax
+over the logits with `</s>` forbidden before `min_new_tokens`, an optional prefix constraint (grounding.py), and
+stop at `</s>` or `max_new_tokens`. Anything else that `generate` would apply (the model's generation config
+asking for repetition penalties, forced or suppressed tokens and the like; beam search; no-repeat n-grams) is
+left to `generate`.
+
+Written for: `T5ForConditionalGeneration` and `MT5ForConditionalGeneration` (t5, flan-t5, t5 v1.1, mT5, ByT5)
+with fp32 weights on the CPU, no gradients. It proves itself once per Predictor on its model and first batch
+(`prove`): its logits for up to PROOF_ROWS inputs over PROOF_STEPS steps must equal the stock forward pass's,
+given the same decoder tokens, within LOGITS_RTOL of their largest magnitude. Where it does not, or cannot be
+tried, one line says why and `generate` answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+WRITTEN_FOR = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
+LOGITS_RTOL = 1e-4
+PROOF_ROWS = 2
+PROOF_STEPS = 4
+TOLERANCE = f"logits within {LOGITS_RTOL:g} of their largest magnitude"
+# Finished rows leave the batch once they are this share of it (compaction copies every cache).
+COMPACT_SHARE = 0.25
+# Generation-config fields that make `generate` add a logits processor or change stopping, with their neutral
+# values: where a model's config sets another, this loop is not used.
+_NEUTRAL_GENERATION = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False), "remove_invalid_values": (None, False), "watermarking_config": (None,),
+    "stop_strings": (None,), "max_time": (None,),
+}
+
+Allowed = Callable[[int, list[int]], list[int]]
+"""(row of the batch, answer tokens so far) -> the tokens that may come next (grounding.SpanConstraint.allowed)."""
+
+
+@dataclass
+class Decoded:
+    """What one batch decodes to."""
+
+    tokens: torch.Tensor
+    """(batch, steps) chosen ids; the pad id after a row's `</s>`."""
+    scores: list[float]
+    """Mean log-probability per generated token, up to and including `</s>` (as predict._mean_log_prob)."""
+    first_logits: torch.Tensor
+    """(batch, vocab) raw logits of the first step (the empty answer's probability)."""
+    step_logits: list[torch.Tensor] | None = None
+    """Every step's raw logits over the whole batch (only when asked for, with no row leaving the batch)."""
+
+
+def unsupported(model: Any) -> str | None:
+    """Why the loop is not written for `model`; None where it is."""
+    name = type(model).__name__
+    if name not in WRITTEN_FOR:
+        return f"written for {' and '.join(WRITTEN_FOR)}; this model is {name}"
+    parameter = next(iter(model.parameters()), None)
+    if parameter is None or parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        where = "no parameters" if parameter is None else f"{parameter.device.type} {parameter.dtype}"
+        return f"written for fp32 on the CPU; this model is {where}"
+    blocks = getattr(getattr(model, "decoder", None), "block", None)
+    if not blocks or not all(len(block.layer) == 3 for block in blocks):
+        return "its decoder blocks are not T5's self-attention, cross-attention and feed-forward layers"
+    if not blocks[0].layer[0].SelfAttention.has_relative_attention_bias:
+        return "its first decoder layer has no relative position bias"
+    gen = getattr(model, "generation_config", None)
+    for field, neutral in _NEUTRAL_GENERATION.items():
+        value = getattr(gen, field, None)
+        if value not in neutral:
+            return f"its generation config sets {field}={value!r}, which transformers' generate applies"
+    eos = _single(getattr(gen, "eos_token_id", None))
+    if eos is None or _start_id(model) is None:
+        return "its generation config names no single end token and decoder start token"
+    return None
+
+
+def _single(value: Any) -> int | None:
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if len(value) == 1 else None
+    return None if value is None else int(value)
+
+
+def _start_id(model: Any) -> int | None:
+    start = getattr(model.generation_config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+    return _single(start)
+
+
+def _rms(x: torch.Tensor, norm: Any) -> torch.Tensor:
+    # T5LayerNorm: scale only, variance in fp32 (the stock module's arithmetic, fp32 weights).
+    return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+class LeanGreedy:
+    """Greedy decoding over a T5-family model's own modules and weights (see the module docstring)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        config = model.config
+        self.heads, self.head_dim = int(config.num_heads), int(config.d_kv)
+        # T5ForConditionalGeneration scales the decoder's output by d_model ** -0.5 where its config says so
+        # (checkpoints with a tied output layer); transformers' MT5ForConditionalGeneration never does.
+        self.scale_output = (type(model).__name__ == "T5ForConditionalGeneration"
+                             and bool(getattr(config, "scale_decoder_outputs", False)))
+        self.d_model = int(config.d_model)
+        self.eos_id = _single(model.generation_config.eos_token_id)
+        self.start_id = _start_id(model)
+        pad = _single(getattr(model.generation_config, "pad_token_id", None))
+        self.pad_id = pad if pad is not None else self.eos_id
+        self.compactions = 0
+        """How many times finished rows have left a batch (for tests and profiling)."""
+
+    def _weights(self) -> dict[str, Any]:
+        """The fused products' weights, from the model's current parameters (training changes them between
+        evaluations, so they are read at every call: a copy of the decoder's attention weights)."""
+        blocks = self.model.decoder.block
+        attention = [block.layer[0].SelfAttention for block in blocks]
+        cross = [block.layer[1].EncDecAttention for block in blocks]
+        return {
+            "qkv": [torch.cat([a.q.weight, a.k.weight, a.v.weight]) for a in attention],
+            "kv_all": torch.cat([w for a in cross for w in (a.k.weight, a.v.weight)]),
+        }
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+               min_new_tokens: int = 0, allowed: Allowed | None = None, keep_step_logits: bool = False) -> Decoded:
+        """Greedy answers for a padded batch of source ids (batch, length) and its mask."""
+        model = self.model
+        decoder = model.decoder
+        blocks = decoder.block
+        weights = self._weights()
+        heads, head_dim = self.heads, self.head_dim
+        inner = heads * head_dim
+        layers = len(blocks)
+        encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        batch, length, _ = encoded.shape
+        dtype = encoded.dtype
+        # Every layer's cross-attention keys and values in one product: (layers, 2, batch, heads, length, head_dim).
+        cross = (F.linear(encoded, weights["kv_all"]).view(batch, length, layers, 2, heads, head_dim)
+                 .permute(2, 3, 0, 4, 1, 5).contiguous())
+        mask_bias = ((1.0 - attention_mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
+        steps = int(max_new_tokens)
+        position_bias = blocks[0].layer[0].SelfAttention.compute_bias(steps, steps)  # (1, heads, steps, steps)
+        keys = torch.empty(layers, batch, heads, steps, head_dim, dtype=dtype)
+        values = torch.empty_like(keys)
+
+        out = torch.full((batch, steps), self.pad_id, dtype=torch.long)
+        total = torch.zeros(batch, dtype=torch.float64)
+        counts = torch.zeros(batch, dtype=torch.long)
+        rows = torch.arange(batch)  # the batch rows still in the loop
+        alive = torch.ones(batch, dtype=torch.bool)  # of those, the ones not finished
+        prefixes: list[list[int]] = [[] for _ in range(batch)]
+        tokens = torch.full((batch,), self.start_id, dtype=torch.long)
+        first_logits = torch.empty(0)
+        step_logits: list[torch.Tensor] | None = [] if keep_step_logits else None
+        for t in range(steps):
+            x = decoder.embed_tokens(tokens)  # (rows, d_model)
+            n = x.shape[0]
+            for i, block in enumerate(blocks):
+                self_layer, cross_layer, ff_layer = block.layer
+                qkv = F.linear(_rms(x, self_layer.layer_norm), weights["qkv"][i]).view(n, 3, heads, 1, head_dim)
+                keys[i, :, :, t] = qkv[:, 1, :, 0]
+                values[i, :, :, t] = qkv[:, 2, :, 0]
+                scores = torch.matmul(qkv[:, 0], keys[i, :, :, :t + 1].transpose(-1, -2))  # (rows, heads, 1, t+1)
+                attention = torch.softmax(scores + position_bias[:, :, t:t + 1, :t + 1], dim=-1)
+                context = torch.matmul(attention, values[i, :, :, :t + 1]).reshape(n, inner)
+                x = x + self_layer.SelfAttention.o(context)
+                query = cross_layer.EncDecAttention.q(_rms(x, cross_layer.layer_norm)).view(n, heads, 1, head_dim)
+                scores = torch.matmul(query, cross[i, 0].transpose(-1, -2)) + mask_bias
+                context = torch.matmul(torch.softmax(scores, dim=-1), cross[i, 1]).reshape(n, inner)
+                x = x + cross_layer.EncDecAttention.o(context)
+                x = x + ff_layer.DenseReluDense(_rms(x, ff_layer.layer_norm))
+            x = _rms(x, decoder.final_layer_norm)
+            if self.scale_output:
+                x = x * (self.d_model ** -0.5)
+            logits = model.lm_head(x).float()  # (rows, vocab)
+            if t == 0:
+                first_logits = logits
+            if step_logits is not None:
+                step_logits.append(logits)
+            choose = logits
+            if t < min_new_tokens:
+                choose = choose.clone()
+                choose[:, self.eos_id] = float("-inf")
+            if allowed is not None:
+                banned = torch.ones_like(choose, dtype=torch.bool)
+                for j, row in enumerate(rows.tolist()):
+                    if alive[j]:
+                        banned[j, allowed(row, prefixes[row])] = False
+                choose = choose.masked_fill(banned, float("-inf"))
+            chosen = choose.argmax(-1)
+            log_prob = torch.log_softmax(logits, dim=-1).gather(1, chosen[:, None]).squeeze(1)
+            live_rows = rows[alive]
+            out[live_rows, t] = chosen[alive]
+            total[live_rows] += log_prob[alive].double()
+            counts[live_rows] += 1
+            for row, token in zip(live_rows.tolist(), chosen[alive].tolist()):
+                prefixes[row].append(token)
+            alive = alive & (chosen != self.eos_id)
+            if not bool(alive.any()):
+                break
+            tokens = chosen
+            finished = int((~alive).sum())
+            if finished and finished >= COMPACT_SHARE * n and step_logits is None:
+                keep = alive.nonzero().squeeze(1)
+                self.compactions += 1
+                rows, tokens, alive = rows[keep], tokens[keep], alive[keep]
+                keys, values = keys[:, keep], values[:, keep]
+                cross, mask_bias = cross[:, :, keep], mask_bias[keep]
+        scores = (total / counts.clamp(min=1)).tolist()
+        return Decoded(out, scores, first_logits, step_logits)
+
+
+class LeanDecoding:
+    """The loop for one Predictor's model, once it has proven itself (`prove`)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.why_not = unsupported(model)
+        self.loop = LeanGreedy(model) if self.why_not is None else None
+        self.proven = self.why_not is not None
+
+    @property
+    def ready(self) -> bool:
+        return self.loop is not None and self.proven and self.why_not is None
+
+    def prove(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+        """Decide once, on the first rows of the first batch; returns why the loop is not used (None: it is)."""
+        if self.proven:
+            return self.why_not
+        self.proven = True
+        self.why_not = _differs(self.model, self.loop, input_ids, attention_mask)
+        if self.why_not is not None:
+            self.loop = None
+        return self.why_not
+
+
+def _differs(model: Any, loop: LeanGreedy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
+    """Why the loop's logits differ from the stock forward pass's on the same decoder tokens; None where not."""
+    rows = min(PROOF_ROWS, input_ids.shape[0])
+    mask = attention_mask[:rows]
+    length = max(int(mask.sum(-1).max()), 1)
+    ids, mask = input_ids[:rows, :length], mask[:, :length]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            lean = loop.decode(ids, mask, max_new_tokens=PROOF_STEPS, min_new_tokens=PROOF_STEPS,
+                               keep_step_logits=True)
+            steps = len(lean.step_logits or [])
+            decoder = torch.cat([torch.full((rows, 1), loop.start_id, dtype=torch.long), lean.tokens[:, :steps - 1]], 1)
+            stock = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits.float()
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        return f"its pass failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    finally:
+        model.train(was_training)
+    fast = torch.stack(lean.step_logits or [], dim=1)  # (rows, steps, vocab)
+    scale = float(stock.abs().max())
+    difference = float((fast - stock).abs().max())
+    if not difference <= LOGITS_RTOL * max(scale, 1e-30):  # also catches NaN
+        return f"logits differ by {difference / scale if scale else difference:.2g} of their largest ({TOLERANCE})"
+    return None
