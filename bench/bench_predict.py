@@ -39,18 +39,28 @@ class Clock:
         self.cpu_seconds = time.process_time() - self._cpu
 
 
+DEVICE = "cpu"  # --device (bench/gpu.py: cuda), the model in --dtype
+DTYPE = "float32"
+
+
+def _placed(model: Any) -> Any:
+    import torch
+
+    return model.to(device=DEVICE, dtype=getattr(torch, DTYPE))
+
+
 def run_generate(model_dir: str, pairs: list[tuple[str, str]], batch_size: int) -> tuple[list[str], "Clock"]:
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    model = _placed(AutoModelForSeq2SeqLM.from_pretrained(model_dir))
     model.eval()
 
     def answer(chunk: list[tuple[str, str]]) -> list[str]:
         sources = [common.PROMPT.format(question=q.lstrip(), context=c.lstrip()) for c, q in chunk]
         inputs = tokenizer(sources, max_length=common.MAX_SOURCE_TOKENS, truncation=True, padding=True,
-                           return_tensors="pt")
+                           return_tensors="pt").to(DEVICE)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=common.NEW_TOKENS, min_new_tokens=common.NEW_TOKENS,
                                  num_beams=1, do_sample=False)
@@ -71,7 +81,10 @@ def run_t5qa(model_dir: str, pairs: list[tuple[str, str]], backend: str) -> tupl
 
     generate = GenerateConfig(min_new_tokens=common.NEW_TOKENS, max_new_tokens=common.NEW_TOKENS)
     predictor = Predictor.from_pretrained(model_dir, backend=backend, generate=generate,
-                                          max_source_tokens=common.MAX_SOURCE_TOKENS)
+                                          max_source_tokens=common.MAX_SOURCE_TOKENS,
+                                          **({"device": DEVICE} if backend == "torch" else {}))
+    if predictor.model is not None:
+        _placed(predictor.model)  # in place: the dtype (the device is already the one asked for)
     predictor.answer_many(pairs[:WARMUP_QUESTIONS])
     warm = predictor.stats.windows
     with Clock() as clock:
@@ -88,8 +101,12 @@ def main() -> None:
     parser.add_argument("--impl", choices=IMPLS, required=True)
     parser.add_argument("--model-dir", required=True, help="the model (or, for t5qa-ct2-*, its CTranslate2 export)")
     parser.add_argument("--questions", type=int, default=440, help="first N dev questions")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--out", required=True, help="result JSON path")
     args = parser.parse_args()
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = args.device, args.dtype
 
     common.set_threads()
     logging.basicConfig(level=logging.WARNING)
@@ -114,6 +131,11 @@ def main() -> None:
         "answers": texts,
         **extra,
     }
+    if DEVICE.startswith("cuda"):
+        import torch
+
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["device_name"] = torch.cuda.get_device_name()
     common.write_result(args.out, result)
 
 

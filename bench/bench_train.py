@@ -34,6 +34,8 @@ IMPLS = ("trainer-default", "trainer-best", "trainer-compile", "plain-512", "t5q
 
 
 EXAMPLES: int | None = None  # --examples: train on this fixed random subset (the same one for every tool)
+BATCH_SIZE = common.BATCH_SIZE  # --batch-size
+GPU = False  # --gpu: each tool's best GPU flags (bench/gpu.py): bf16, and for the Trainer tf32 and fused AdamW
 
 
 def _rows() -> list[common.QA]:
@@ -79,7 +81,8 @@ def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    # SDPA attention is transformers 5's default; named so that the GPU flags are all in view.
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, attn_implementation="sdpa")
     sources, targets = _sources_targets()
     raw = datasets.Dataset.from_dict({"source": sources, "target": targets})
     padding = False if best_flags else "max_length"
@@ -100,9 +103,10 @@ def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer:
                 else default_data_collator)
     args = Seq2SeqTrainingArguments(
         output_dir=str(work / "trainer"),
-        per_device_train_batch_size=common.BATCH_SIZE,
+        per_device_train_batch_size=BATCH_SIZE,
         learning_rate=common.LEARNING_RATE,
         max_steps=steps,
+        **({"bf16": True, "tf32": True, "optim": "adamw_torch_fused"} if GPU else {}),
         train_sampling_strategy="group_by_length" if best_flags else "random",
         report_to="none",
         save_strategy="no",
@@ -179,9 +183,10 @@ def run_t5qa(model_dir: str, steps: int, work: Path, timer: common.StepTimer, co
         validation=str(common.DEV_FILE),
         output=str(work / "t5qa-run"),
         encode=EncodeConfig(max_source_tokens=common.MAX_SOURCE_TOKENS, max_target_tokens=common.MAX_TARGET_TOKENS),
-        train_batch_size=common.BATCH_SIZE,
+        train_batch_size=BATCH_SIZE,
         learning_rate=common.LEARNING_RATE,
         max_steps=steps,
+        **({"precision": "bf16"} if GPU else {}),
         # evaluation and checkpoints belong to fit() but not to the step rate: push them past the last step
         # (fit still evaluates, on 8 examples, and saves once at the end, after the timed window)
         eval_every_steps=steps + 1,
@@ -212,10 +217,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps after the warm-up")
     parser.add_argument("--examples", type=int, default=None,
                         help="train on this many examples (a fixed random subset, the same for every tool)")
+    parser.add_argument("--batch-size", type=int, default=common.BATCH_SIZE)
+    parser.add_argument("--gpu", action="store_true", help="each tool's best GPU flags (bench/gpu.py)")
     parser.add_argument("--out", required=True, help="result JSON path")
     args = parser.parse_args()
-    global EXAMPLES
-    EXAMPLES = args.examples
+    global EXAMPLES, BATCH_SIZE, GPU
+    EXAMPLES, BATCH_SIZE, GPU = args.examples, args.batch_size, args.gpu
 
     common.set_threads()
     logging.basicConfig(level=logging.WARNING)
@@ -223,6 +230,12 @@ def main() -> None:
 
     counter = common.TokenCounter().install(T5ForConditionalGeneration)
     timer = common.StepTimer()
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:  # a step ends when the card has finished it, not when its kernels are queued
+        mark = timer.mark
+        timer.mark = lambda: (torch.cuda.synchronize(), mark())[-1]  # type: ignore[method-assign]
     total = args.warmup_steps + args.steps
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="t5qa-bench-train-") as tmp:
@@ -238,6 +251,10 @@ def main() -> None:
         else:
             config, extra = run_t5qa(args.model_dir, total, work, timer, counter)
     extra["wall_seconds_total"] = time.perf_counter() - started
+    extra["gpu_flags"] = GPU
+    if on_gpu:
+        extra["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        extra["device_name"] = torch.cuda.get_device_name()
     result = common.train_result(args.impl, timer=timer, counter=counter, warmup_steps=args.warmup_steps,
                                  model_config=config, extra=extra)
     common.write_result(args.out, result)

@@ -14,17 +14,19 @@ from pathlib import Path
 import common
 
 
-def make_model(output: Path) -> str:
+def make_model(output: Path, preset: str = "t5-small") -> str:
     try:
         from t5qa.modeling import init_model
     except ImportError:
         init_model = None
     if init_model is not None:
-        init_model("t5-small", str(common.TOKENIZER_DIR), output, seed=0)
+        init_model(preset, str(common.TOKENIZER_DIR), output, seed=0)
         return "t5qa.modeling.init_model"
     import torch
     from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
 
+    if preset != "t5-small":
+        raise SystemExit(f"the {preset} preset needs t5qa (src/ on PYTHONPATH)")
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(AutoConfig.from_pretrained(common.TOKENIZER_DIR))
     model.save_pretrained(output)
@@ -51,10 +53,12 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="directory for the model (and ct2-int8/, ct2-float32/ beside)")
     parser.add_argument("--out", required=True, help="result JSON path")
     parser.add_argument("--ct2", action="store_true", help="also convert CTranslate2 copies")
+    parser.add_argument("--preset", default="t5-small", help="t5qa init-model preset (bench/gpu.py: t5-base)")
     args = parser.parse_args()
     common.set_threads()
     output = Path(args.output)
-    info = {"name": "make_model", "kind": "setup", "model_dir": str(output), "made_by": make_model(output)}
+    info = {"name": "make_model", "kind": "setup", "model_dir": str(output),
+            "made_by": make_model(output, args.preset)}
     if args.ct2:
         for quant in ("int8", "float32"):
             target = output.parent / f"ct2-{quant}"

@@ -204,6 +204,7 @@ class Predictor:
         stride_tokens: int | None = None,
         max_source_tokens: int | None = None,
         chosen: Sequence[str] = (),
+        device: str | None = None,
     ) -> "Predictor":
         """Load a model directory (saved by t5qa or transformers) or a CTranslate2 export.
 
@@ -218,6 +219,7 @@ class Predictor:
             stride_tokens, max_source_tokens: override the window settings saved with the model.
             chosen: the `generate` fields the caller set (the flags given): kept even where they equal the default,
                 over the decoding settings that `t5qa tune --decoding` saved with the model.
+            device: where the torch backend answers ("cpu", "cuda", "cuda:1", ...); None: the GPU when there is one.
         Returns:
             A ready Predictor.
         Raises:
@@ -249,6 +251,7 @@ class Predictor:
         if is_ct2:
             raise ModelError(f"{path}: this is a CTranslate2 export; answer with it using --backend ct2")
         model, tokenizer = load_model(str(directory), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        model = model.to(_answering_device(device))
         return cls(model, tokenizer, encode, generate, default_max_new_tokens=default_max_new_tokens(meta),
                    saved_no_answer_threshold=read_threshold(meta))
 
@@ -409,10 +412,9 @@ class TorchBackend:
             max_new_tokens=max_new_tokens, num_beams=gen.num_beams, do_sample=False, use_cache=True,
             return_dict_in_generate=True, output_logits=greedy or measure_no_answer, output_scores=False,
         )
-        if gen.min_new_tokens:
-            kwargs["min_new_tokens"] = gen.min_new_tokens
-        if gen.no_repeat_ngram_size:
-            kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
+        # Given even at 0, so that a value in the model's generation_config.json does not replace the caller's.
+        kwargs["min_new_tokens"] = gen.min_new_tokens
+        kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
         if not greedy:
             kwargs["length_penalty"] = gen.length_penalty
             kwargs["output_scores"] = True  # needed for sequences_scores
@@ -646,6 +648,14 @@ def _best_per_pair(items: list[_Item], num_pairs: int, threshold: float | None =
                               candidate=measured.candidate if measured is not None else None,
                               no_answer_score=measured.no_answer_score if measured is not None else None))
     return answers
+
+
+def _answering_device(device: str | None) -> str:
+    import torch
+
+    if device is not None:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model_device(model: Any) -> Any:

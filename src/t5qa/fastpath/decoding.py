@@ -47,9 +47,10 @@ TOLERANCE = f"logits within {LOGITS_RTOL:g} of their largest magnitude"
 # Finished rows leave the batch once they are this share of it (compaction copies every cache).
 COMPACT_SHARE = 0.25
 # Generation-config fields that make `generate` add a logits processor or change stopping, with their neutral
-# values: where a model's config sets another, this loop is not used.
+# values: where a model's config sets another, this loop is not used. (t5qa passes the beams, lengths, length
+# penalty and no-repeat n-gram size to `generate` itself, so the model's values of those do not count.)
 _NEUTRAL_GENERATION = {
-    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
     "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "min_length": (None, 0),
     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
     "begin_suppress_tokens": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
