@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -53,11 +54,11 @@ def plan(dry_run: bool) -> dict[str, Any]:
             "dtype": "bfloat16", "gpu_flags": True}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Every measurement, each in its own process; their results by name."""
     setting = plan(args.dry_run)
     if args.steps:
         setting["steps"] = args.steps
-    work = Path(tempfile.mkdtemp(prefix="t5qa-gpu-bench-"))
     model_dir = work / "model"
     made = run_worker("make_model.py", ["--output", str(model_dir), "--preset", setting["preset"]],
                       work / "make_model.json", args.timeout)
@@ -164,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else (
         Path(tempfile.mkdtemp(prefix="t5qa-gpu-dry-run-")) / "GPU_RESULTS.md" if args.dry_run
         else HERE / "GPU_RESULTS.md")
-    results = run(args)
+    work = Path(tempfile.mkdtemp(prefix="t5qa-gpu-bench-"))
+    try:
+        results = run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_report(output, results, argv, args.dry_run, args.peak_tflops)
     output.with_name("gpu_results.json").write_text(json.dumps(

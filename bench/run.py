@@ -431,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         results["matmul-end"] = run_worker("bench_matmul.py", [], work / "matmul-end.json", args.timeout)
     wall = time.perf_counter() - t0
     results["run"] = {"mode": mode.name, "argv": argv, "started": started.isoformat(), "wall_seconds": wall}
+    for target in (Path(args.output), Path(args.json)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")  # first: a report error keeps them
     write_report(Path(args.output), mode, results, argv, started, wall)
-    Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(f"[bench] wrote {args.output} and {args.json} ({wall / 60:.1f} min)")
     return 0
 

@@ -81,7 +81,8 @@ def test_markdown_report_has_config_metrics_plots_and_samples(run_dir: Path) -> 
     assert "| exact_match | 42.5 | 45 |" in text
     assert "| token_accuracy | 0.615 | 0.6 |" in text
     assert "Best checkpoint: step 50 by f1." in text
-    assert "| optimizer steps | 100 |" in text and "| train seconds | 1,234.5 |" in text
+    assert "| optimizer steps | 100 |" in text and "| seconds in training steps | 1,234.5 |" in text
+    assert "| seconds in evaluation | 98.7 |" in text
     assert "| mean samples per second | 45.5 |" in text
     # plots linked relatively
     for name in ("loss.png", "learning_rate.png", "em_f1.png"):

@@ -66,6 +66,8 @@ def test_run_directory_layout(tiny_model_dir: Path, tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["stopped_early"] is False
     assert summary["best_step"] in (2, 4) and summary["final_metrics"]["f1"] == val_rows[-1]["f1"]
+    assert summary["train_seconds"] > 0 and summary["eval_seconds"] > 0  # kept apart: two evaluations ran
+    assert "seconds in evaluation" in (run / "report.md").read_text()
     run_summary = json.loads((run / "run_summary.json").read_text())
     assert run_summary["examples"] == 24 and run_summary["validation_examples"] == 6
     assert run_summary["effective_batch_size"] == 4 and run_summary["total_steps"] == 4

@@ -373,10 +373,11 @@ def _training_rows(run: _Run) -> list[tuple[str, str]]:
     if speeds:
         rows.append(("mean samples per second", _value_text(sum(speeds) / len(speeds))))
     rows.append(("evaluations", str(len(run.validation))))
-    for key in ("stopped_early", "train_seconds"):
+    for key, label in (("stopped_early", "stopped early"), ("train_seconds", "seconds in training steps"),
+                       ("eval_seconds", "seconds in evaluation")):
         if key in summary:
-            rows.append((key.replace("_", " "), _value_text(summary[key])))
-    known = {"steps", "stopped_early", "train_seconds", "final_metrics", "best_step", "best_metric",
+            rows.append((label, _value_text(summary[key])))
+    known = {"steps", "stopped_early", "train_seconds", "eval_seconds", "final_metrics", "best_step", "best_metric",
              "metric_for_best"}
     rows.extend((key, _value_text(value)) for key, value in summary.items()
                 if key not in known and not isinstance(value, (dict, list)))

@@ -36,6 +36,7 @@ from t5qa import fastpath
 from t5qa.lora import apply_lora, is_lora_model, save_adapter
 from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
 from t5qa.optim import make_optimizer, make_scheduler
+from t5qa.modelcard import write_model_card
 from t5qa.rundir import (BEST_DIR, CONFIG_FILE, LAST_DIR, PREDICTIONS_FILE, RUN_SUMMARY_FILE, SUMMARY_FILE, MetricsLog,
                          write_json)
 
@@ -84,6 +85,9 @@ class TrainerState:
     last_metrics: dict[str, Any] = field(default_factory=dict)
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    """Wall seconds in training steps (evaluation and checkpoint saving not counted)."""
+    eval_seconds: float = 0.0
+    """Wall seconds in evaluation (answering the validation questions included)."""
     stopped_early: bool = False
 
 
@@ -151,7 +155,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     check_precision(model, cfg.precision)
     model = _prepare_model_for_training(model, cfg)
-    train_examples, validation_examples = load_run_examples(cfg, tokenizer)
+    cleaning: dict[str, Any] = {}
+    train_examples, validation_examples = load_run_examples(cfg, tokenizer, cleaning)
     features, encode_stats = encode_for_training(train_examples, tokenizer, cfg.encode)
     answer_tokens_p99 = answer_length_p99(features)
     generate = cfg.generate
@@ -208,6 +213,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         "device": str(accelerator.device),
         "fast_paths": fast.summary(),
         "answer_tokens_p99": answer_tokens_p99,
+        "cleaning": cleaning,
     }
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -254,14 +260,22 @@ def _prepare_model_for_training(model: Any, cfg: TrainConfig) -> Any:
     return model
 
 
-def load_run_examples(cfg: TrainConfig, tokenizer: Any) -> tuple[list[QAExample], list[QAExample]]:
+def load_run_examples(cfg: TrainConfig, tokenizer: Any,
+                      cleaning: dict[str, Any] | None = None) -> tuple[list[QAExample], list[QAExample]]:
     """The run's training and validation examples: --validation's, or the held-out contexts of --train (the same
-    split for the same data and --split-seed, so `t5qa export` can check an export on the run's validation)."""
-    examples, _ = load_dataset(cfg.train, cfg.data, tokenizer=tokenizer,
-                               max_answer_tokens=cfg.encode.max_target_tokens)
+    split for the same data and --split-seed, so `t5qa export` can check an export on the run's validation).
+    `cleaning`, when given, receives each file's cleaning report (without its sample sources) by split."""
+    examples, report = load_dataset(cfg.train, cfg.data, tokenizer=tokenizer,
+                                    max_answer_tokens=cfg.encode.max_target_tokens)
+    reports = {"training": report}
+    validation: list[QAExample] = []
     if cfg.validation:
-        validation, _ = load_dataset(cfg.validation, cfg.data, tokenizer=tokenizer,
-                                     max_answer_tokens=cfg.encode.max_target_tokens)
+        validation, reports["validation"] = load_dataset(cfg.validation, cfg.data, tokenizer=tokenizer,
+                                                         max_answer_tokens=cfg.encode.max_target_tokens)
+    if cleaning is not None:
+        cleaning.update({split: {k: v for k, v in r.to_dict().items() if k != "examples"}
+                         for split, r in reports.items()})
+    if cfg.validation:
         return examples, validation
     if cfg.data.val_fraction <= 0:
         return examples, []
@@ -399,7 +413,11 @@ def _fit(run: TrainingRun, on_evaluate: Callable[[int, dict], None] | None, prog
                             or (cfg.eval_every_steps is None and end_of_epoch))
                 callback_stop = False
                 if eval_due and run.validation_examples:
+                    state.train_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
                     metrics, improved = _evaluate_and_track(run, state, epoch_float, metrics_log)
+                    state.eval_seconds += time.perf_counter() - started
+                    started = time.perf_counter()
                     if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
                         stop_reason = (f"early stopping: {cfg.metric_for_best} did not improve for "
                                        f"{state.evals_without_improvement} evaluations")
@@ -548,16 +566,23 @@ def _finish(run: TrainingRun, state: TrainerState, metrics_log: MetricsLog) -> T
         "samples_seen": state.samples_seen,
         "stopped_early": state.stopped_early,
         "train_seconds": round(state.train_seconds, 2),
+        "eval_seconds": round(state.eval_seconds, 2),
         "eval_history": state.eval_history,
     }
     if accelerator.is_main_process:
         write_json(output_dir / SUMMARY_FILE, summary)
         metrics_log.close()
+        for directory in (best_dir, last_dir):
+            if directory.is_dir():
+                try:
+                    write_model_card(directory, output_dir, last=directory == last_dir)
+                except OSError as exc:
+                    raise write_error(output_dir, exc, f"the model card to {directory}") from None
         from t5qa.report import write_report
 
         report = write_report(output_dir, run.cfg.report_format)
-        logger.info("finished %d steps in %.1f s; best %s %s at step %s; report: %s", state.step,
-                    state.train_seconds, run.cfg.metric_for_best, state.best_metric, summary["best_step"], report)
+        logger.info("finished %d steps in %.1f s of training and %.1f s of evaluation; best %s %s at step %s; "
+                    "report: %s", state.step, state.train_seconds, state.eval_seconds, run.cfg.metric_for_best, state.best_metric, summary["best_step"], report)
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=output_dir, best_dir=best_dir, last_dir=last_dir, best_metric=state.best_metric,
                        final_metrics=state.last_metrics, steps=state.step, stopped_early=state.stopped_early)
