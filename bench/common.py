@@ -73,6 +73,26 @@ def start_t5qa_experiment() -> Any:
     return keeping
 
 
+def answering_experiment_args(doc: str, **extra: dict[str, Any]) -> Any:
+    """The start of a bench/experiments script that answers dev questions: its arguments (--model-dir,
+    --questions, --rounds, and `extra` flag name -> add_argument keywords), after exiting with a one-line reason
+    when the shared data is absent and pinning the threads."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/make_model.py)")
+    parser.add_argument("--questions", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=3)
+    for flag, keywords in extra.items():
+        parser.add_argument(flag, **keywords)
+    args = parser.parse_args()
+    missing = shared_data_missing()
+    if missing:
+        sys.exit(f"skipped: {missing}")
+    set_threads()
+    return args
+
+
 @dataclass(frozen=True)
 class QA:
     id: str

@@ -9,7 +9,6 @@ Prints questions/s per round and how many answers equal generate-16's.
 
     .venv/bin/python bench/experiments/answering_ab.py --model-dir DIR [--questions 96] [--rounds 3]
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,15 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model-dir", required=True, help="a saved t5-small (bench/make_model.py)")
-parser.add_argument("--questions", type=int, default=96)
-parser.add_argument("--rounds", type=int, default=3)
-args = parser.parse_args()
-missing = common.shared_data_missing()
-if missing:
-    sys.exit(f"skipped: {missing}")
-common.set_threads()
+args = common.answering_experiment_args(__doc__)
 import torch  # noqa: E402
 
 from t5qa.config import GenerateConfig  # noqa: E402

@@ -327,6 +327,9 @@ class TrainConfig:
     """Log loss and learning rate every N steps."""
     report_format: str = "md"
     """Run report format: md or html."""
+    push_to_hub: str | None = None
+    """After training, upload best/ (with its model card) to this Hugging Face Hub repository (NAME or USER/NAME);
+    when the Hub cannot be reached, one line says so and the run stays on disk (push it later with `t5qa push`)."""
 
     # safety and extras
     trust_remote_code: bool = False

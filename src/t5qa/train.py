@@ -31,7 +31,7 @@ from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
 from t5qa.data import QAExample, load_dataset, split_examples
 from t5qa.evaluate import choose_metric_for
 from t5qa.encode import EncodeStats, LengthGroupedSampler, answer_length_p99, encode_for_training, make_collator
-from t5qa.errors import ConfigError, TrainingError
+from t5qa.errors import ConfigError, ModelError, TrainingError
 from t5qa import fastpath
 from t5qa.lora import apply_lora, is_lora_model, save_adapter
 from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
@@ -578,6 +578,13 @@ def _finish(run: TrainingRun, state: TrainerState, metrics_log: MetricsLog) -> T
                     write_model_card(directory, output_dir, last=directory == last_dir)
                 except OSError as exc:
                     raise write_error(output_dir, exc, f"the model card to {directory}") from None
+        if run.cfg.push_to_hub:
+            from t5qa.hub import push_model
+
+            try:
+                push_model(best_dir, run.cfg.push_to_hub)
+            except (ModelError, ConfigError) as exc:  # the run is saved: say so, and finish
+                logger.warning("%s", exc)
         from t5qa.report import write_report
 
         report = write_report(output_dir, run.cfg.report_format)

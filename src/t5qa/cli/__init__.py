@@ -18,7 +18,7 @@ from t5qa.errors import T5QAError
 # Command modules, in the order their commands appear in `t5qa --help`.
 COMMAND_MODULES = (
     "data_cmd", "model_cmd", "train_cmd", "evaluate_cmd", "predict_cmd", "serve_cmd", "tune_cmd", "lora_cmd",
-    "demo_cmd",
+    "push_cmd", "demo_cmd",
 )
 
 
