@@ -32,10 +32,10 @@ from t5qa.fastpath import allocator, decoding, linear
 
 logger = logging.getLogger(__name__)
 
-LOGITS_RTOL = 1e-4
+LOGITS_RTOL = decoding.LOGITS_RTOL
 PROOF_ROWS = 2
 PROOF_DECODER_TOKENS = 4
-TOLERANCE = f"logits within {LOGITS_RTOL:g} of their largest magnitude"
+TOLERANCE = decoding.TOLERANCE
 
 
 class OneDNNLinear(TorchFunctionMode):
@@ -160,8 +160,4 @@ def _linear_differs(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
         return f"its pass failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     finally:
         model.train(was_training)
-    scale = float(stock.abs().max())
-    difference = float((fast - stock).abs().max())
-    if not difference <= LOGITS_RTOL * max(scale, 1e-30):  # also catches NaN
-        return f"logits differ by {difference / scale if scale else difference:.2g} of their largest ({TOLERANCE})"
-    return None
+    return decoding.logits_differ(stock, fast)

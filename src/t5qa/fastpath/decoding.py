@@ -250,7 +250,7 @@ class LeanDecoding:
 
     @property
     def ready(self) -> bool:
-        return self.loop is not None and self.proven and self.why_not is None
+        return self.proven and self.loop is not None  # a refused loop is dropped
 
     def prove(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
         """Decide once, on the first rows of the first batch; returns why the loop is not used (None: it is)."""
@@ -282,9 +282,13 @@ def _differs(model: Any, loop: LeanGreedy, input_ids: torch.Tensor, attention_ma
         return f"its pass failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     finally:
         model.train(was_training)
-    fast = torch.stack(lean.step_logits or [], dim=1)  # (rows, steps, vocab)
+    return logits_differ(stock, torch.stack(lean.step_logits or [], dim=1))  # (rows, steps, vocab)
+
+
+def logits_differ(stock: torch.Tensor, fast: torch.Tensor) -> str | None:
+    """Why `fast` is not `stock` within LOGITS_RTOL of stock's largest magnitude (NaN included); None where it is."""
     scale = float(stock.abs().max())
     difference = float((fast - stock).abs().max())
-    if not difference <= LOGITS_RTOL * max(scale, 1e-30):  # also catches NaN
+    if not difference <= LOGITS_RTOL * max(scale, 1e-30):
         return f"logits differ by {difference / scale if scale else difference:.2g} of their largest ({TOLERANCE})"
     return None
