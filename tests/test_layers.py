@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "t5qa"
 RANKS = {
     "errors": 0, "config": 1, "rundir": 2, "data": 3, "encode": 4, "stats": 5, "metrics": 6, "noanswer": 6, "grounding": 6, "analysis": 7,
     "fastpath": 7,
-    "modeling": 8, "lora": 9, "predict": 10, "evaluate": 11, "report": 12, "modelcard": 12, "checkpoint": 13, "optim": 13, "hub": 13,
+    "modeling": 8, "lora": 9, "predict": 10, "evaluate": 11, "report": 12, "modelcard": 12, "checkpoint": 13, "optim": 13, "hub": 13, "tracking": 13,
     "train": 14, "export": 15, "api": 16, "serve": 17, "tune": 18, "tune_decoding": 18, "demo": 19, "cli": 20,
 }
 # Inside a package, the same rule between its rooms (a package's __init__ only gathers their names).

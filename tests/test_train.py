@@ -75,7 +75,7 @@ def test_run_directory_layout(tiny_model_dir: Path, tmp_path: Path) -> None:
     for name in ("config.yaml", "eval_predictions.jsonl", "loss.png", "learning_rate.png", "em_f1.png",
                  "report.md"):
         assert (run / name).is_file(), name
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run / "tensorboard" / "t5qa").glob("events.out.tfevents.*"))
     predictions = [json.loads(line) for line in (run / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 6
     # The only checkpoint is the step-2 evaluation's: the final step writes last/ instead.

@@ -327,6 +327,12 @@ class TrainConfig:
     """Log loss and learning rate every N steps."""
     report_format: str = "md"
     """Run report format: md or html."""
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Experiment trackers, through Accelerate: tensorboard, wandb, mlflow, comet (comma-separated), or none.
+    Each gets the config, the metrics and, at the end, the report's plots; metrics.jsonl is written whatever."""
+    tracker_project: str = "t5qa"
+    """Project (W&B, Comet), experiment (MLflow) or folder under tensorboard/ that the run is logged to; the run is
+    named after its output directory."""
     push_to_hub: str | None = None
     """After training, upload best/ (with its model card) to this Hugging Face Hub repository (NAME or USER/NAME);
     when the Hub cannot be reached, one line says so and the run stays on disk (push it later with `t5qa push`)."""

@@ -3,7 +3,8 @@
     config.yaml           the resolved TrainConfig
     run_summary.json      what the run is about to do (written before step one)
     metrics.jsonl         one JSON object per log/evaluation: {"step", "epoch", "split", "loss", ...}
-    tensorboard/          the same numbers for TensorBoard
+    tensorboard/PROJECT/  the same numbers for TensorBoard (--report-to; the trackers are t5qa.tracking's)
+    trackers.json         the experiment trackers' run ids, for resume
     checkpoints/step-N/   resumable state (see `t5qa.checkpoint`)
     best/, last/          Hugging Face layout models (loadable by transformers alone) with t5qa.json
     eval_predictions.jsonl, summary.json, loss.png, learning_rate.png, em_f1.png, report.md
@@ -15,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +41,15 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard, main process only. On resume, rows after the checkpoint are dropped."""
+    """metrics.jsonl, main process only; each row also goes to `also` (the experiment trackers).
 
-    def __init__(self, output_dir: Path, *, resume_step: int | None, enabled: bool) -> None:
+    On resume, rows after the checkpoint are dropped.
+    """
+
+    def __init__(self, output_dir: Path, *, resume_step: int | None, enabled: bool,
+                 also: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.enabled = enabled
-        self.writer = None
+        self.also = also
         self.handle = None
         if not enabled:
             return
@@ -62,31 +67,20 @@ class MetricsLog:
         for line in kept:
             self.handle.write(line + "\n")
         self.handle.flush()
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(output_dir / TENSORBOARD_DIR), purge_step=resume_step)
-        except ImportError:  # pragma: no cover - tensorboard is a core dependency
-            logger.warning("tensorboard is not installed: no TensorBoard logs")
 
     def write(self, row: dict[str, Any]) -> None:
-        """Append one row ({"step", "epoch", "split", numbers...}) to metrics.jsonl and TensorBoard."""
+        """Append one row ({"step", "epoch", "split", numbers...}) to metrics.jsonl, and give it to `also`."""
         if not self.enabled or self.handle is None:
             return
         self.handle.write(json.dumps(row) + "\n")
         self.handle.flush()
-        if self.writer is not None:
-            for key, value in row.items():
-                if key not in ("step", "epoch", "split") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
+        if self.also is not None:
+            self.also(row)
 
     def close(self) -> None:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 def read_jsonl_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:

@@ -37,6 +37,7 @@ from t5qa.lora import apply_lora, is_lora_model, save_adapter
 from t5qa.modeling import check_precision, count_parameters, freeze, load_model, save_model
 from t5qa.optim import make_optimizer, make_scheduler
 from t5qa.modelcard import write_model_card
+from t5qa.tracking import Trackers, accelerate_names, check_report_to, logging_dir
 from t5qa.rundir import (BEST_DIR, CONFIG_FILE, LAST_DIR, PREDICTIONS_FILE, RUN_SUMMARY_FILE, SUMMARY_FILE, MetricsLog,
                          write_json)
 
@@ -115,6 +116,7 @@ class TrainingRun:
     answer_tokens_p99: int
     metric: str | None              # the scorer validation uses (cfg.metric, or chosen from the data)
     summary: dict[str, Any]         # what run_summary.json records; nothing reads it back
+    trackers: Trackers              # --report-to, started by fit
     no_answer: dict[str, Any] = field(default_factory=dict)  # the latest evaluation's calibration, with its step
 
 
@@ -131,7 +133,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         DataError, ModelError: unreadable data or model.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
 
     if not cfg.train:
         raise ConfigError("--train is required: the training data file (or `train:` in the --config file)")
@@ -143,13 +145,16 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     mixed_precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    output_dir = Path(cfg.output)
+    trackers = check_report_to(cfg.report_to)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=mixed_precision)
+                              mixed_precision=mixed_precision, log_with=accelerate_names(trackers),
+                              project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                                  logging_dir=str(logging_dir(output_dir))))
     if not accelerator.is_main_process:
         # Every process runs the same code; only the main one talks to the user.
         logging.getLogger("t5qa").setLevel(logging.ERROR)
     set_seed(cfg.seed)
-    output_dir = Path(cfg.output)
     check_output_dir(output_dir, resume=cfg.resume)
 
     model, tokenizer = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
@@ -225,7 +230,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
                        train_examples=train_examples, validation_examples=validation_examples,
                        encode_stats=encode_stats, generate=generate, fast=fast, output_dir=output_dir,
                        micro_batches_per_epoch=micro_batches_per_epoch, steps_per_epoch=steps_per_epoch,
-                       total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, metric=metric, summary=summary)
+                       total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, metric=metric, summary=summary,
+                       trackers=Trackers(accelerator, trackers, output_dir))
 
 
 def _first_micro_batch(features: list[dict[str, Any]], tokenizer: Any, size: int) -> dict[str, torch.Tensor]:
@@ -335,7 +341,9 @@ def _fit(run: TrainingRun, on_evaluate: Callable[[int, dict], None] | None, prog
     state = TrainerState()
     if cfg.resume:
         state = _resume(run)
-    metrics_log = MetricsLog(run.output_dir, resume_step=state.step if cfg.resume else None, enabled=is_main)
+    resume_step = state.step if cfg.resume else None
+    run.trackers.start(cfg.tracker_project, cfg, resume_step=resume_step)
+    metrics_log = MetricsLog(run.output_dir, resume_step=resume_step, enabled=is_main, also=run.trackers.log)
     stop_request = _StopRequest()
     bar = _progress_bar(run, state.step, progress, enabled=is_main)
 
@@ -459,6 +467,7 @@ def _fit(run: TrainingRun, on_evaluate: Callable[[int, dict], None] | None, prog
         if bar is not None:
             bar.close()
         metrics_log.close()
+        run.trackers.finish()
 
 
 def _any_process(accelerator: Any, flag: bool) -> bool:
@@ -588,6 +597,7 @@ def _finish(run: TrainingRun, state: TrainerState, metrics_log: MetricsLog) -> T
         from t5qa.report import write_report
 
         report = write_report(output_dir, run.cfg.report_format)
+        run.trackers.log_files(report, state.step)
         logger.info("finished %d steps in %.1f s of training and %.1f s of evaluation; best %s %s at step %s; "
                     "report: %s", state.step, state.train_seconds, state.eval_seconds, run.cfg.metric_for_best, state.best_metric, summary["best_step"], report)
     accelerator.wait_for_everyone()
