@@ -22,7 +22,7 @@ SUBRANKS = {
     "fastpath": {"classes": 0, "dropout": 1, "linear": 1, "norm": 1, "clip": 1, "allocator": 1, "decoding": 1,
                  "proof": 2,
                  "answering": 2},
-    "serve": {"batcher": 0, "middleware": 0, "runner": 0, "schemas": 1, "app": 2},
+    "serve": {"batcher": 0, "metrics": 0, "middleware": 0, "runner": 0, "schemas": 1, "app": 2},
 }
 EXEMPT = {"__init__", "__main__", "sample_data", "static"}
 

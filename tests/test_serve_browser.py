@@ -170,3 +170,23 @@ def test_page_marks_the_answer_in_its_context_and_asks_grounded(browser: Any) ->
         assert page.locator("#where b").count() == 0
         page.close()
     assert spans.options[-1].get("grounded") is True
+
+
+def test_page_footer_names_the_model_not_its_directory(browser: Any, tmp_path: Path) -> None:
+    import json
+
+    from t5qa.serve import create_app
+
+    model_dir = tmp_path / "private-disk-path" / "best"
+    model_dir.mkdir(parents=True)
+    (model_dir / "README.md").write_text("# fraud-qa\n", encoding="utf-8")
+    (model_dir / "t5qa.json").write_text(json.dumps({"train_config": {"model": "t5-small"}}), encoding="utf-8")
+    with running_server(create_app(EchoPredictor(), model_dir=model_dir)) as base:
+        page = browser.new_page()
+        page.goto(base + "/")
+        page.wait_for_function("document.getElementById('server-info').textContent.includes('fraud-qa')",
+                               timeout=20_000)
+        footer = page.text_content("#server-info")
+        assert "model fraud-qa" in footer and "from t5-small" in footer and "backend echo" in footer
+        assert "private-disk-path" not in page.content()
+        page.close()

@@ -188,6 +188,14 @@ class ServeConfig:
     """Most pairs answered in one model call."""
     max_wait_ms: float = 5.0
     """How long a request waits for others to share its batch, in ms."""
+    workers: int = 1
+    """Server processes on the one port, each with its own copy of the model (and cores / N threads)."""
+    model_name: str | None = None
+    """The name /health and the web page give the model; None: its model card's title, or its directory's name."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM or Ctrl-C, how long queued and running requests may take to finish before the server stops."""
+    access_log: bool = True
+    """One JSON line per request (time, request id, method, path, status, ms, client) in the server's log."""
     limits: ServeLimits = field(default_factory=ServeLimits)
 
     def __post_init__(self) -> None:
@@ -198,6 +206,10 @@ class ServeConfig:
             problems.append(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
         if not self.max_wait_ms >= 0:
             problems.append(f"--max-wait-ms must be >= 0, got {self.max_wait_ms}")
+        if self.workers < 1:
+            problems.append(f"--workers must be at least 1, got {self.workers}")
+        if not self.shutdown_timeout_s > 0:
+            problems.append(f"--shutdown-timeout-s must be positive, got {self.shutdown_timeout_s}")
         _raise_all(problems)
 
 

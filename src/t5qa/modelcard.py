@@ -47,7 +47,7 @@ def write_model_card(model_dir: Path, run_dir: Path, *, last: bool = False) -> P
     return path
 
 
-def _public_name(value: Any) -> str | None:
+def public_name(value: Any) -> str | None:
     """A Hub id as it is; a local path by its base name (a card is published, the machine's paths are not)."""
     if not value:
         return None
@@ -102,7 +102,7 @@ def model_card(meta: dict[str, Any], run_summary: dict[str, Any], summary: dict[
     front += ["metrics:", "- exact_match", "- f1", "---", ""]
     lines = [*front, f"# {name}", ""]
     lines += [f"A sequence-to-sequence model fine-tuned with t5qa {__version__} to answer a question from a context, "
-              f"starting from `{_public_name(base) or 'unknown'}`.", ""]
+              f"starting from `{public_name(base) or 'unknown'}`.", ""]
 
     lines += ["## Results", ""]
     if "f1" in best:
@@ -123,7 +123,7 @@ def model_card(meta: dict[str, Any], run_summary: dict[str, Any], summary: dict[
     lines.append("")
 
     lines += ["## Training data", ""]
-    train_file, validation_file = _public_name(config.get("train")), _public_name(config.get("validation"))
+    train_file, validation_file = public_name(config.get("train")), public_name(config.get("validation"))
     lines.append(f"- training: `{train_file or 'unknown'}`, {run_summary.get('examples', '?')} examples after "
                  "cleaning")
     lines.append(f"- validation: `{validation_file}`" if validation_file else

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,8 +14,8 @@ from pathlib import Path
 from t5qa.cli.common import add_config_flags, config_overrides
 from t5qa.config import GenerateConfig, ServeConfig, ServeLimits
 from t5qa.errors import ConfigError, ModelError, T5QAError, require
+from t5qa.serve.app import API_KEY_ENV
 
-API_KEY_ENV = "T5QA_API_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over HTTP (JSON API + web page), batching concurrent requests",
-        description="Serve a model: POST /v1/answer, GET /health, the web page at /, API docs at /docs. "
-                    "Concurrent requests are answered together in batches.",
+        description="Serve a model: POST /v1/answer, GET /health, GET /metrics (Prometheus), the web page at /, "
+                    "API docs at /docs. Concurrent requests are answered together in batches; SIGTERM lets "
+                    "queued requests finish.",
     )
     p.add_argument("--model", required=True, help="model directory (saved by t5qa or transformers, or a "
                                                   "`t5qa export` directory with --backend ct2)")
@@ -53,7 +55,7 @@ def is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model (in the app's start-up) and serve until Ctrl-C."""
+    """Load the model (in the app's start-up) and serve until Ctrl-C or SIGTERM, which let queued requests finish."""
     require("uvicorn", "serve", "t5qa serve")
     import uvicorn
 
@@ -75,25 +77,81 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(serve.host) and api_key is None:
         print(f"warning: listening on {serve.host} without an API key: anyone who can reach this machine can "
               f"use the model. Set {API_KEY_ENV} (or --api-key), or keep --host 127.0.0.1.", file=sys.stderr)
-
-    app = create_app_from_dir(
-        args.model, backend=args.backend, generate=generate, config=serve, api_key=api_key,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-        chosen=chosen,
-    )
+    safety = dict(allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code, chosen=chosen)
     level = args.log_level or ("warning" if getattr(args, "quiet", False) else "info")
     where = f"http://{'[' + serve.host + ']' if ':' in serve.host else serve.host}:{serve.port}/"
+    # t5qa writes the access log itself (JSON lines with request ids), so uvicorn's is off. On SIGTERM or Ctrl-C
+    # uvicorn stops accepting, waits up to the timeout for the requests in flight (queued ones included), and
+    # only then runs the app's shutdown.
+    options = dict(host=serve.host, port=serve.port, log_level=level, lifespan="on", access_log=False,
+                   timeout_graceful_shutdown=serve.shutdown_timeout_s)
+    if serve.workers > 1:
+        return _run_workers(args.model, backend=args.backend, generate=generate, serve=serve, api_key=api_key,
+                            level=level, where=where, options=options, safety=safety)
+
+    app = create_app_from_dir(args.model, backend=args.backend, generate=generate, config=serve, api_key=api_key,
+                              **safety)
     logging.getLogger(__name__).info("loading %s, then serving on %s (Ctrl-C stops)", args.model, where)
-    config = uvicorn.Config(app, host=serve.host, port=serve.port, log_level=level, lifespan="on")
-    server = uvicorn.Server(config)
-    server.run()
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler it found; with this
+    # one in place, a stop that was asked for ends in exit status 0 rather than death by the signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     startup_error = app.state.t5qa.startup_error
     if startup_error is not None:
-        if isinstance(startup_error, T5QAError):
-            raise startup_error
-        raise ModelError(f"{args.model}: the model could not be loaded ({type(startup_error).__name__}: "
-                         f"{startup_error}); see the log above") from None
+        raise _startup_failure(args.model, startup_error)
     if not server.started:
-        raise ConfigError(f"the server did not start on {serve.host}:{serve.port} (is the port in use? try "
-                          f"another --port)")
+        raise _not_started(serve)
     return 0
+
+
+def _run_workers(model: str, *, backend: str, generate: GenerateConfig, serve: ServeConfig, api_key: str | None,
+                 level: str, where: str, options: dict, safety: dict) -> int:
+    """`--workers N`: uvicorn's own supervisor runs N processes on the one port, each building its app (and
+    loading its model) from the settings in the environment. The model is loaded once here first, so a model
+    that cannot load is one line, not N workers' tracebacks; metrics from every worker meet in one directory."""
+    import tempfile
+
+    import uvicorn
+
+    from t5qa.api import load_predictor
+    from t5qa.serve.app import WORKER_SETTINGS_ENV, worker_settings
+    from t5qa.serve.metrics import MULTIPROCESS_ENV
+
+    log = logging.getLogger(__name__)
+    log.info("checking that %s loads, then starting %d workers on %s (Ctrl-C stops)", model, serve.workers, where)
+    try:
+        predictor = load_predictor(model, backend=backend, generate=generate, **safety)
+    except T5QAError:
+        raise
+    except Exception as exc:  # the loaders' own errors: one line, as the single-process server gives
+        raise _startup_failure(model, exc) from None
+    del predictor
+    os.environ[WORKER_SETTINGS_ENV] = worker_settings(model, backend=backend, generate=generate, config=serve,
+                                                      log_level=level, **safety)
+    if api_key is not None:
+        os.environ[API_KEY_ENV] = api_key  # the workers' environment, not their command line
+    metrics_dir = os.environ.get(MULTIPROCESS_ENV)
+    if not metrics_dir:
+        metrics_dir = tempfile.mkdtemp(prefix="t5qa-metrics-")
+        os.environ[MULTIPROCESS_ENV] = metrics_dir
+    try:
+        uvicorn.run("t5qa.serve.app:app_from_environment", factory=True, workers=serve.workers, **options)
+    except SystemExit as exc:  # uvicorn exits when it cannot bind the port or a worker cannot start
+        if exc.code not in (0, None):
+            raise _not_started(serve) from None
+    return 0
+
+
+def _startup_failure(model: str, exc: BaseException) -> T5QAError:
+    if isinstance(exc, T5QAError):
+        return exc
+    return ModelError(f"{model}: the model could not be loaded ({type(exc).__name__}: {exc}); see the log above")
+
+
+def _not_started(serve: ServeConfig) -> ConfigError:
+    return ConfigError(f"the server did not start on {serve.host}:{serve.port} (is the port in use? try "
+                       f"another --port)")

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence
 from t5qa.config import GenerateConfig, ServeConfig, ServeLimits
 from t5qa.errors import ConfigError, T5QAError, require
 from t5qa.serve.batcher import MicroBatcher
-from t5qa.serve.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RedactKey
+from t5qa.serve.metrics import ServerMetrics
+from t5qa.serve.middleware import ApiKeyMiddleware, BodyLimitMiddleware, RedactKey, RequestLogMiddleware
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
@@ -31,13 +32,19 @@ GENERATE_OPTIONS = ("num_beams", "max_new_tokens", "min_new_tokens", "length_pen
                     "no_answer_margin", "grounded")
 
 
+ROUTES = ("/", "/v1/answer", "/health", "/metrics", "/docs", "/openapi.json", "/favicon.ico")
+
+
 @dataclass
 class _ServerState:
     predictor: Any
     batcher: MicroBatcher
     limits: ServeLimits
-    model_dir: str | None
+    model_dir: str | None           # the server's log only: /health and the page name the model instead
+    model_name: str
+    base_model: str | None
     backend: str | None
+    metrics: ServerMetrics
     started: float = field(default_factory=time.monotonic)
     startup_error: BaseException | None = None
 
@@ -55,7 +62,8 @@ def create_app(
         predictor: anything with `answer_many(pairs, **generate_overrides) -> list[Answer]` (a t5qa Predictor).
         config: batching and request limits (defaults: `ServeConfig()`); host and port are the runner's.
         api_key: when set, every request except the web page and the API description must carry it.
-        model_dir: shown by /health.
+        model_dir: where the model came from: /health and the page name it by `model_name` (config.model_name,
+            else its model card's title or its directory's name), never by its path on the server's disk.
     Returns:
         The app; run it with uvicorn, or test it with fastapi.testclient.TestClient.
     """
@@ -90,7 +98,7 @@ def _build_app(load: Callable[[], Any], *, config: ServeConfig | None, api_key: 
     require("fastapi", "serve", "t5qa serve")
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from fastapi.staticfiles import StaticFiles
     from starlette.exceptions import HTTPException
 
@@ -98,15 +106,19 @@ def _build_app(load: Callable[[], Any], *, config: ServeConfig | None, api_key: 
 
     config = config or ServeConfig()
     limits = config.limits
+    metrics = ServerMetrics(ROUTES)
 
     def run_model(pairs: list[tuple[str, str]], options: dict[str, Any]) -> list[Any]:
         return state.predictor.answer_many(pairs, **options)
 
     state = _ServerState(
         predictor=preloaded,
-        batcher=MicroBatcher(run_model, config=config),
+        batcher=MicroBatcher(run_model, config=config, on_batch=metrics.record_batch, on_queue=metrics.set_queue),
         limits=limits,
         model_dir=str(model_dir) if model_dir is not None else None,
+        model_name=model_name(model_dir, config.model_name),
+        base_model=base_model(model_dir),
+        metrics=metrics,
         backend=backend or getattr(preloaded, "backend", None),
     )
 
@@ -213,7 +225,8 @@ def _build_app(load: Callable[[], Any], *, config: ServeConfig | None, api_key: 
     async def health() -> Any:
         return schemas.HealthResponse(
             status="ok" if state.predictor is not None else "loading",
-            model_dir=state.model_dir,
+            model=state.model_name,
+            base_model=state.base_model,
             backend=state.backend,
             uptime_seconds=time.monotonic() - state.started,
             queue_size=state.batcher.queue_size,
@@ -225,14 +238,61 @@ def _build_app(load: Callable[[], Any], *, config: ServeConfig | None, api_key: 
             limits=vars(limits).copy(),
         )
 
-    # Added last = outermost: the key is checked before the body is read at all.
+    @app.get("/metrics", include_in_schema=True, responses={401: error_responses[401]},
+             summary="Prometheus metrics: requests by status, latency, batch sizes, queue depth",
+             response_class=PlainTextResponse)
+    async def metrics_page() -> Any:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    # Added last = outermost: the key is checked before the body is read at all, and the request log sees
+    # every request, refusals included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_bytes)
     if api_key is not None:
         if not api_key.strip():
             raise ConfigError("--api-key (or T5QA_API_KEY) is empty; give a non-empty key or leave it unset")
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
         _document_security(app)
+    app.add_middleware(RequestLogMiddleware, record=metrics.record_request, log=config.access_log)
     return app
+
+
+def model_name(model_dir: str | Path | None, given: str | None = None) -> str:
+    """How the server names its model: `given`, else the title of the directory's model card (t5qa's cards are
+    titled with the run's name), else the directory's own name; a Hub id as it is."""
+    if given:
+        return given
+    if model_dir is None:
+        return "model"
+    path = Path(model_dir)
+    if not path.is_dir():
+        return str(model_dir)  # a Hub id, not a path on this machine
+    card = path / "README.md"
+    try:
+        lines = card.read_text(encoding="utf-8").splitlines() if card.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for line in lines:
+        if line.startswith("# ") and line[2:].strip():
+            return line[2:].strip()
+    return path.resolve().name
+
+
+def base_model(model_dir: str | Path | None) -> str | None:
+    """The model a t5qa model was trained from (its t5qa.json), by Hub id or, for a local one, its name."""
+    if model_dir is None:
+        return None
+    import json
+
+    from t5qa.modelcard import public_name
+    from t5qa.rundir import MODEL_META_FILE
+
+    try:
+        meta = json.loads((Path(model_dir) / MODEL_META_FILE).read_text(encoding="utf-8"))
+        base = meta.get("train_config", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return public_name(base) if isinstance(base, str) else None
 
 
 def _version() -> str:
@@ -333,3 +393,50 @@ def _one_line(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+API_KEY_ENV = "T5QA_API_KEY"
+"""The server's API key, read from the environment (other users cannot see it in the process list)."""
+WORKER_SETTINGS_ENV = "T5QA_SERVE_WORKER"
+"""`serve --workers N`: the settings every worker process builds its app from (JSON, set by the serve command)."""
+
+
+def worker_settings(model_dir: str | Path, *, backend: str, generate: GenerateConfig, config: ServeConfig,
+                    log_level: str, **safety: Any) -> str:
+    """The JSON that `app_from_environment` reads in each worker (the API key travels in T5QA_API_KEY instead)."""
+    import json
+
+    from t5qa.config import to_dict
+
+    return json.dumps({"model_dir": str(model_dir), "backend": backend, "generate": to_dict(generate),
+                       "config": to_dict(config), "log_level": log_level,
+                       "safety": {key: list(value) if isinstance(value, tuple) else value
+                                  for key, value in safety.items()}})
+
+
+def app_from_environment() -> "FastAPI":
+    """The app of one `serve --workers N` worker (uvicorn's factory, run in each spawned process).
+
+    Each worker loads its own model, logs like the single-process server, and takes its share of the cores
+    (cores / N threads, unless OMP_NUM_THREADS says otherwise).
+    """
+    import json
+    import os
+
+    from t5qa.config import from_dict
+
+    settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
+    level = getattr(logging, str(settings.get("log_level", "info")).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s")
+    logging.getLogger("t5qa").setLevel(level)
+    config = from_dict(ServeConfig, settings["config"], source=WORKER_SETTINGS_ENV)
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
+    safety = dict(settings.get("safety", {}))
+    if "chosen" in safety:
+        safety["chosen"] = tuple(safety["chosen"])
+    return create_app_from_dir(settings["model_dir"], backend=settings["backend"],
+                               generate=from_dict(GenerateConfig, settings["generate"], source=WORKER_SETTINGS_ENV),
+                               config=config, api_key=os.environ.get(API_KEY_ENV) or None, **safety)

@@ -49,10 +49,13 @@ class MicroBatcher:
     """
 
     def __init__(self, answer_fn: Callable[[list[tuple[str, str]], dict[str, Any]], list[Any]], *,
-                 config: ServeConfig | None = None) -> None:
+                 config: ServeConfig | None = None, on_batch: Callable[[int, float], None] | None = None,
+                 on_queue: Callable[[int], None] | None = None) -> None:
         config = config or ServeConfig()
         max_batch_size, max_wait_ms = config.max_batch_size, config.max_wait_ms  # checked by ServeConfig
         self.answer_fn = answer_fn
+        self.on_batch = on_batch  # (pairs, seconds) after each model call: the server's metrics
+        self.on_queue = on_queue  # (pairs waiting) whenever that changes
         self.max_batch_size = max_batch_size
         self.max_wait_ms = max_wait_ms
         self.batches_run = 0
@@ -78,7 +81,7 @@ class MicroBatcher:
         self._loop = loop
         self._queue = asyncio.Queue()
         self._pending = deque()
-        self._waiting_pairs = 0
+        self._queued(-self._waiting_pairs)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t5qa-model")
         self._worker = loop.create_task(self._run(), name="t5qa-batcher")
@@ -108,7 +111,7 @@ class MicroBatcher:
         assert self._queue is not None and self._loop is not None
         future: asyncio.Future = self._loop.create_future()
         job = _Job(list(pairs), tuple(sorted(options.items())), future, self._loop.time())
-        self._waiting_pairs += len(job.pairs)
+        self._queued(len(job.pairs))
         await self._queue.put(job)
         return await future
 
@@ -148,6 +151,11 @@ class MicroBatcher:
                         if not job.future.done():
                             job.future.set_exception(exc)
 
+    def _queued(self, delta: int) -> None:
+        self._waiting_pairs += delta
+        if delta and self.on_queue is not None:
+            self.on_queue(self._waiting_pairs)
+
     def _pairs_like(self, options: tuple) -> int:
         return sum(len(j.pairs) for j in self._pending if j.options == options and not j.future.done())
 
@@ -158,12 +166,12 @@ class MicroBatcher:
         kept: deque = deque()
         for job in self._pending:
             if job.future.done():  # the client went away
-                self._waiting_pairs -= len(job.pairs)
+                self._queued(-len(job.pairs))
                 continue
             if job.options == options and (not batch or total + len(job.pairs) <= self.max_batch_size):
                 batch.append(job)
                 total += len(job.pairs)
-                self._waiting_pairs -= len(job.pairs)
+                self._queued(-len(job.pairs))
             else:
                 kept.append(job)
         self._pending = kept
@@ -189,6 +197,8 @@ class MicroBatcher:
             return
         seconds = time.perf_counter() - started
         self.batches_run += 1
+        if self.on_batch is not None:
+            self.on_batch(len(pairs), seconds)
         logger.debug("answered %d pairs from %d requests in %.3f s", len(pairs), len(batch), seconds)
         offset = 0
         for job in batch:

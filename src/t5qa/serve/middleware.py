@@ -1,12 +1,15 @@
-"""ASGI middleware of `t5qa serve`: the API key (compared in constant time, never logged) and the request-body
+"""ASGI middleware of `t5qa serve`: the API key (compared in constant time, never logged), the request-body
 limit (counted while the body streams in, so a client cannot make the server buffer more than
-`max_request_bytes`), and a log filter that redacts the key."""
+`max_request_bytes`), request ids with the structured access log, and a log filter that redacts the key."""
 
 from __future__ import annotations
 
+import datetime
 import hmac
 import json
 import logging
+import time
+import uuid
 from typing import Any, Awaitable, Callable, Sequence
 
 # Paths served without the API key: the web page and its files (it asks the user for the key and sends it
@@ -136,3 +139,67 @@ class RedactKey(logging.Filter):
         if self.key in message:
             record.msg, record.args = message.replace(self.key, "[redacted]"), ()
         return True
+
+
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+access_log = logging.getLogger("t5qa.access")
+
+
+def request_id_from(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is a plain token of at most 64 characters (a load balancer's id then
+    follows the request through), else a new random one; never text that could break a log line."""
+    for name, value in headers:
+        if name.lower() == REQUEST_ID_HEADER:
+            given = value.decode("latin-1").strip()
+            if 0 < len(given) <= 64 and set(given) <= _REQUEST_ID_CHARS:
+                return given
+            break
+    return uuid.uuid4().hex
+
+
+class RequestLogMiddleware:
+    """Every HTTP request gets a request id (sent back as X-Request-ID and kept in `scope["state"]`), one JSON
+    line in the `t5qa.access` log (time, id, method, path without its query string, status, milliseconds,
+    client), and a call of `record(method, path, status, seconds)` for the metrics.
+
+    It sits outside every other middleware, so refusals (401, 413) are logged and counted too. The query string
+    is left out of the log: a client that puts the API key in the URL must not get it into the log.
+    """
+
+    def __init__(self, app: Any, record: Callable[[str, str, int, float], None] | None = None,
+                 log: bool = True) -> None:
+        self.app = app
+        self.record = record
+        self.log = log
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(scope.get("headers", []))
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500  # what the client gets when the app fails before it answers
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (REQUEST_ID_HEADER, request_id.encode("ascii"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            if self.record is not None:
+                self.record(scope["method"], scope["path"], status, seconds)
+            if self.log:
+                client = scope.get("client")
+                access_log.info("%s", json.dumps({
+                    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+                    "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
+                    "ms": round(seconds * 1000, 2), "client": client[0] if client else None,
+                }, ensure_ascii=True))

@@ -110,7 +110,9 @@ class AnswerResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str
-    model_dir: str | None
+    model: str = Field(description="The model's name (its model card's title, or --model-name); never a path on "
+                                   "the server's disk.")
+    base_model: str | None = Field(None, description="The model it was fine-tuned from, when t5qa trained it.")
     backend: str | None
     uptime_seconds: float
     queue_size: int = Field(description="Pairs waiting for the model.")

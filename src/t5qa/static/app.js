@@ -48,7 +48,8 @@
       }
       if (!response.ok) return;
       const info = await response.json();
-      const parts = ["model " + (info.model_dir || "loaded"), "backend " + (info.backend || "?")];
+      const parts = ["model " + (info.model || "loaded"), "backend " + (info.backend || "?")];
+      if (info.base_model) parts.splice(1, 0, "from " + info.base_model);
       $("server-info").textContent = parts.join(" · ");
     } catch (e) {
       $("server-info").textContent = "server unreachable";
