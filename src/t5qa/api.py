@@ -138,37 +138,79 @@ def train(config: TrainConfig | str | Path | None = None, *, on_evaluate: Callab
 
 def load_predictor(model_dir: str | Path, *, backend: str = "torch", generate: GenerateConfig | None = None,
                    stride_tokens: int | None = None, max_source_tokens: int | None = None,
-                   allow_pickle: bool = False, trust_remote_code: bool = False, chosen: Sequence[str] = ()) -> Any:
+                   allow_pickle: bool = False, trust_remote_code: bool = False, chosen: Sequence[str] = (),
+                   device: Any = None) -> Any:
     """The `predict.Predictor` of a saved model (its prompt, input length and answer length come with it).
-    `chosen` names the `generate` fields the caller set, kept over the decoding settings tuned for the model."""
+    `chosen` names the `generate` fields the caller set, kept over the decoding settings tuned for the model;
+    `device` None answers on the GPU when there is one."""
     from t5qa.predict import Predictor
 
     return Predictor.from_pretrained(str(model_dir), backend=backend, generate=generate,
                                      stride_tokens=stride_tokens, max_source_tokens=max_source_tokens,
-                                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, chosen=chosen)
+                                     allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, chosen=chosen,
+                                     device=None if device is None else str(device))
 
 
 def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig | None = None,
              generate: GenerateConfig | None = None, metric: str | None = None, stride_tokens: int | None = None,
              max_examples: int | None = None, allow_pickle: bool = False, trust_remote_code: bool = False,
-             calibrate_no_answer: bool = False, chosen: Sequence[str] = ()) -> Any:
+             calibrate_no_answer: bool = False, chosen: Sequence[str] = (), shards: str | Path | None = None,
+             shard_size: int | None = None) -> Any:
     """Score a saved model on every question of `data` (nothing dropped); returns `evaluate.EvalResult`.
 
     The input settings come from the model directory; `generate` fields left at None take the model's defaults
     (its answer length from training, its calibrated no-answer threshold). With `calibrate_no_answer`, the F1-best
     no-answer threshold is chosen on `data` (validation data with unanswerable questions, never the test set) and
-    saved into the model directory's t5qa.json, where predict, evaluate and serve find it."""
-    from t5qa.evaluate import evaluate_model
+    saved into the model directory's t5qa.json, where predict, evaluate and serve find it.
+
+    With `shards` (a directory; the CLI uses OUTPUT.shards/ next to --output), the questions are answered and
+    scored in shards of `shard_size` (t5qa.shards): shared by the processes of `accelerate launch`, and after a
+    crash only the shards not done are answered again. The main process combines them and returns the result;
+    the other processes return None."""
+    from t5qa.evaluate import choose_metric_for, evaluate_model, evaluate_rows, score_rows, \
+        settings_for_calibration
+    from t5qa.metrics import check_metric
+    from t5qa.shards import DEFAULT_SHARD_SIZE, ShardedJob, processes, run_shards
 
     examples = _evaluation_examples(data, data_config, max_examples, need_inputs=True)
     if calibrate_no_answer and all(ex.answers for ex in examples):
         raise ConfigError(f"--calibrate-no-answer: every question in {data} has an answer; calibrate on validation "
                           "data with unanswerable questions (SQuAD v2.0 style)")
+    procs = processes()
+    if shards is None and procs.world > 1:
+        raise ConfigError("evaluate under accelerate launch needs --output: the processes keep their shards next "
+                          "to it (OUTPUT.shards/), which also lets a crashed run resume")
     predictor = load_predictor(model_dir, generate=generate, stride_tokens=stride_tokens,
-                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, chosen=chosen)
+                               allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, chosen=chosen,
+                               device=procs.device if procs.world > 1 else None)
     settings = predictor.generate_settings()
-    result = evaluate_model(predictor.model, predictor.tokenizer, examples, predictor.encode_config, settings,
-                            batch_size=settings.batch_size, metric=metric, calibrate_no_answer=calibrate_no_answer)
+    if shards is None:
+        result = evaluate_model(predictor.model, predictor.tokenizer, examples, predictor.encode_config, settings,
+                                batch_size=settings.batch_size, metric=metric,
+                                calibrate_no_answer=calibrate_no_answer)
+    else:
+        started = time.perf_counter()
+        metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
+        calibrate = calibrate_no_answer and any(not ex.answers for ex in examples)
+        measured = settings_for_calibration(settings) if calibrate else settings
+        job = ShardedJob(Path(shards), total=len(examples), shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                         procs=procs, fingerprint={**_answering_job(predictor, model_dir, data), "task": "evaluate",
+                                                   "metric": metric, "calibrate": calibrate,
+                                                   "max_examples": max_examples})
+
+        def score(start: int, end: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+            return evaluate_rows(predictor.model, predictor.tokenizer, examples[start:end],
+                                 predictor.encode_config, measured, batch_size=measured.batch_size, metric=metric,
+                                 measure_no_answer=calibrate)
+
+        run_shards(job, score)
+        if not procs.is_main:
+            procs.wait_for_everyone()
+            return None
+        result = score_rows(list(job.rows()), job.totals(), metric, calibrate=calibrate)
+        result.metrics["eval_seconds"] = time.perf_counter() - started
+        job.remove()
+        procs.wait_for_everyone()
     if result.no_answer is not None:
         _save_no_answer(Path(model_dir), {**result.no_answer.to_dict(), "chosen_on": f"{data} "
                                           f"({result.no_answer.chosen_on})"})
@@ -233,13 +275,20 @@ class PredictFileResult:
 
 
 def predict_file(model_dir: str | Path | Any, data: str | Path, output: str | Path, *,
-                 data_config: DataConfig | None = None, progress: bool = False, **predictor_settings: Any
-                 ) -> PredictFileResult:
+                 data_config: DataConfig | None = None, progress: bool = False,
+                 shard_size: int | None = None, model_identity: str | Path | None = None,
+                 **predictor_settings: Any) -> PredictFileResult:
     """Answer every question of `data`, in input order, into `output` (.jsonl or .csv/.tsv rows with id, question,
     prediction, score and window; .json as the SQuAD predictions format id -> answer).
 
-    `model_dir` is a model directory or a loaded Predictor; `predictor_settings` go to `load_predictor`."""
+    The questions are answered in shards of `shard_size` (t5qa.shards), kept in OUTPUT.shards/ until the output
+    is written: under `accelerate launch` (or torchrun) the processes share them, and after a crash the same call
+    answers only the shards that are not done. `model_dir` is a model directory or a loaded Predictor (then
+    `model_identity`, its directory, makes the shards of another model's job refuse to mix in);
+    `predictor_settings` go to `load_predictor`. Every process returns the same counts of questions; windows,
+    padding and seconds are this process's."""
     from t5qa.data import load_examples, require_inputs
+    from t5qa.shards import DEFAULT_SHARD_SIZE, ShardedJob, processes, run_shards, shards_dir
 
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_FORMATS:
@@ -249,17 +298,74 @@ def predict_file(model_dir: str | Path | Any, data: str | Path, output: str | Pa
     if not examples:
         raise DataError(f"{data}: no questions found; check the file and --format")
     require_inputs(examples)
-    predictor = model_dir if hasattr(model_dir, "answer_many") else load_predictor(model_dir, **predictor_settings)
+    procs = processes()
+    if hasattr(model_dir, "answer_many"):
+        predictor = model_dir
+    else:
+        predictor = load_predictor(model_dir, device=procs.device if procs.world > 1 else None,
+                                   **predictor_settings)
+    job = ShardedJob(shards_dir(output), total=len(examples), shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                     procs=procs, fingerprint=_answering_job(predictor, model_identity or model_dir, data))
+    single = job.count == 1 and procs.world == 1  # one shard: the Predictor's own progress bar
+    bar = _shard_bar(len(examples), enabled=progress and procs.is_main and not single)
+
+    def answer(start: int, end: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        part = examples[start:end]
+        answers = predictor.answer_many([(ex.context, ex.question) for ex in part], progress=progress and single)
+        return [{"id": _valid_text(ex.id), "question": _valid_text(ex.question), "prediction": a.text,
+                 "score": round(a.score, 6), "window": a.window_index, "num_windows": a.num_windows}
+                for ex, a in zip(part, answers)], {}
+
     started = time.perf_counter()
-    answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], progress=progress)
+    try:
+        run_shards(job, answer, on_shard=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - started
-    rows = [{"id": _valid_text(ex.id), "question": _valid_text(ex.question), "prediction": a.text,
-             "score": round(a.score, 6), "window": a.window_index, "num_windows": a.num_windows}
-            for ex, a in zip(examples, answers)]
-    write_answer_rows(rows, output)
+    if procs.is_main:
+        write_answer_rows(list(job.rows()), output)
+        job.remove()
+    procs.wait_for_everyone()
     stats = predictor.stats
-    return PredictFileResult(output=output, questions=len(rows), seconds=round(seconds, 3), windows=stats.windows,
-                             padding_fraction=round(stats.padding_fraction, 4), backend=predictor.backend)
+    return PredictFileResult(output=output, questions=len(examples), seconds=round(seconds, 3),
+                             windows=stats.windows, padding_fraction=round(stats.padding_fraction, 4),
+                             backend=predictor.backend)
+
+
+def _answering_job(predictor: Any, model: Any, data: str | Path) -> dict[str, Any]:
+    """What makes the shards of one answering job the same job: the data's content, the model's files, and the
+    settings answers depend on (compared with the manifest when a job resumes)."""
+    from t5qa.shards import file_sha256
+
+    data_path = Path(str(data))
+    data_id = file_sha256(data_path) if data_path.is_file() else _listing(data_path)
+    settings = getattr(predictor, "generate_settings", None)
+    encode = getattr(predictor, "encode_config", None)
+    return {
+        "data": str(data_path.resolve()) if data_path.exists() else str(data),
+        "data_sha256": data_id,
+        "model": _listing(Path(model)) if isinstance(model, (str, Path)) else type(model).__name__,
+        "backend": getattr(predictor, "backend", None),
+        "generate": dataclasses.asdict(settings()) if callable(settings) else None,
+        "encode": dataclasses.asdict(encode) if dataclasses.is_dataclass(encode) else None,
+    }
+
+
+def _listing(path: Path) -> Any:
+    """A directory as its files' names, sizes and modification times (a model's weights are not hashed whole)."""
+    if not path.is_dir():
+        return str(path)
+    return sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in path.rglob("*") if p.is_file())
+
+
+def _shard_bar(total: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="q", desc="answering", dynamic_ncols=True)
 
 
 def write_answer_rows(rows: list[dict[str, Any]], path: Path) -> None:

@@ -82,8 +82,7 @@ def evaluate_model(
     examples = list(examples[:max_examples] if max_examples else examples)
     metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
     calibrate = calibrate_no_answer and any(not ex.answers for ex in examples)
-    if calibrate:  # measured on the model's own answers, whatever threshold the settings carry
-        generate = dataclasses.replace(generate, no_answer_margin=None, calibrated_no_answer=False)
+    generate = settings_for_calibration(generate) if calibrate else generate
     indices = list(range(len(examples)))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as shard:
@@ -92,32 +91,57 @@ def evaluate_model(
     else:
         shard = indices
         core = model
-    was_training = core.training
-    core.eval()
-    try:
-        loss_sum, target_tokens, correct = _teacher_forced([examples[i] for i in shard], core, tokenizer, encode,
-                                                           batch_size)
-        predictor = Predictor(core, tokenizer, encode, generate)
-        pairs = [(examples[i].context, examples[i].question) for i in shard]
-        answers = predictor.answer_many(pairs, batch_size=batch_size, measure_no_answer=calibrate)
-    finally:
-        core.train(was_training)
-    rows = [(i, _row(examples[i], a, metric)) for i, a in zip(shard, answers)]
-    sums = [(loss_sum, target_tokens, correct)]
-
+    rows, sums = evaluate_rows(core, tokenizer, [examples[i] for i in shard], encode, generate,
+                               batch_size=batch_size, metric=metric, measure_no_answer=calibrate)
+    indexed = list(zip(shard, rows))
+    totals = [sums]
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        rows = gather_object(rows)
-        sums = gather_object(sums)
-    by_index = dict(rows)  # one row per example index, whichever process produced it
+        indexed = gather_object(indexed)
+        totals = gather_object(totals)
+    by_index = dict(indexed)  # one row per example index, whichever process produced it
     if len(by_index) != len(examples):  # an internal invariant of sharding and gathering
         raise AssertionError(f"evaluation gathered {len(by_index)} rows for {len(examples)} examples")
-    predictions = [by_index[i] for i in range(len(examples))]
-    loss_total = sum(s[0] for s in sums)
-    tokens_total = sum(s[1] for s in sums)
-    correct_total = sum(s[2] for s in sums)
+    result = score_rows([by_index[i] for i in range(len(examples))], totals, metric, calibrate=calibrate)
+    seconds = time.perf_counter() - started
+    result.metrics["eval_seconds"] = seconds
+    logger.debug("evaluated %d examples in %.1f s", len(examples), seconds)
+    return result
 
+
+def settings_for_calibration(generate: GenerateConfig) -> GenerateConfig:
+    """The settings a no-answer calibration measures with: the model's own answers, whatever threshold the
+    settings carry."""
+    return dataclasses.replace(generate, no_answer_margin=None, calibrated_no_answer=False)
+
+
+def evaluate_rows(model: Any, tokenizer: Any, examples: Sequence[QAExample], encode: EncodeConfig,
+                  generate: GenerateConfig, *, batch_size: int, metric: str, measure_no_answer: bool = False
+                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """One row per example (its answer and scores, in order) and the sums loss and token accuracy are made of
+    ({"loss_sum", "target_tokens", "correct_tokens"}), for `score_rows` to combine: one process's share, or one
+    shard's (t5qa.shards)."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss_sum, target_tokens, correct = _teacher_forced(list(examples), model, tokenizer, encode, batch_size)
+        predictor = Predictor(model, tokenizer, encode, generate)
+        answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], batch_size=batch_size,
+                                        measure_no_answer=measure_no_answer)
+    finally:
+        model.train(was_training)
+    rows = [_row(ex, a, metric) for ex, a in zip(examples, answers)]
+    return rows, {"loss_sum": loss_sum, "target_tokens": target_tokens, "correct_tokens": correct}
+
+
+def score_rows(predictions: list[dict[str, Any]], totals: Sequence[Mapping[str, float]], metric: str, *,
+               calibrate: bool = False) -> EvalResult:
+    """The metrics of every example's row (in example order) and the loss sums of the parts they came from;
+    with `calibrate`, the F1-best no-answer threshold chosen on them and applied."""
+    loss_total = sum(t["loss_sum"] for t in totals)
+    tokens_total = sum(t["target_tokens"] for t in totals)
+    correct_total = sum(t["correct_tokens"] for t in totals)
     metrics: dict[str, float] = {
         "loss": loss_total / tokens_total if tokens_total else float("nan"),
         "token_accuracy": correct_total / tokens_total if tokens_total else 0.0,
@@ -132,9 +156,6 @@ def evaluate_model(
         metrics["no_answer_threshold"] = no_answer.threshold
         metrics.update({f"model_{key}": value for key, value in no_answer.before.items()})
     metrics.update(scores)
-    seconds = time.perf_counter() - started
-    metrics["eval_seconds"] = seconds
-    logger.debug("evaluated %d examples in %.1f s", len(examples), seconds)
     return EvalResult(metrics=metrics, predictions=predictions, metric=metric, no_answer=no_answer)
 
 

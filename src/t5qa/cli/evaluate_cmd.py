@@ -9,6 +9,7 @@ from t5qa.cli.common import add_data_column_flags, add_config_flags, config_over
 from t5qa.config import DataConfig, GenerateConfig, from_dict
 from t5qa.errors import ConfigError
 from t5qa.metrics import SCORERS
+from t5qa.shards import DEFAULT_SHARD_SIZE, shards_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "--max-source-tokens, a quarter of it, as in training)")
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help=f"with --model and --output: questions per shard (default {DEFAULT_SHARD_SIZE}), kept in "
+                        f"OUTPUT.shards/ until the scores are written; the processes of `accelerate launch -m "
+                        f"t5qa evaluate` share them, and a crashed run, started again, answers only the shards "
+                        f"not done")
     add_config_flags(p, GenerateConfig, group_title="generation (with --model)")
     add_data_column_flags(p, group_title="data columns")
     p.set_defaults(func=run)
@@ -73,7 +79,10 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(args.model, args.data, data_config=data, generate=generate, metric=args.metric,
                           stride_tokens=args.stride_tokens, max_examples=args.max_examples,
                           allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                          calibrate_no_answer=args.calibrate_no_answer, chosen=tuple(flags))
+                          calibrate_no_answer=args.calibrate_no_answer, chosen=tuple(flags),
+                          shards=shards_dir(args.output) if args.output else None, shard_size=args.shard_size)
+        if result is None:  # another process of `accelerate launch`: the main one reports
+            return 0
     analysis = write_predictions(result, args.output) if args.output else None
     _print_metrics({"metric": result.metric, **result.metrics}, as_json=args.json)
     if result.no_answer is not None and not args.json:

@@ -11,6 +11,7 @@ from t5qa.config import DataConfig, GenerateConfig, from_dict
 from t5qa.api import OUTPUT_FORMATS
 from t5qa.errors import ConfigError
 from t5qa.export import DEFAULT_CHECK_EXAMPLES
+from t5qa.shards import DEFAULT_SHARD_SIZE, processes
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow pickled (.bin) weights you trust")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--shard-size", type=int, default=None, metavar="N",
+                   help=f"questions per shard of --data (default {DEFAULT_SHARD_SIZE}): shards are shared by the "
+                        f"processes of `accelerate launch -m t5qa predict`, kept in OUTPUT.shards/ until the output "
+                        f"is written, and a crashed run, started again, answers only the shards not done")
     add_config_flags(p, GenerateConfig, group_title="generation")
     add_data_column_flags(p, group_title="data columns (for --data)")
     p.set_defaults(func=run_predict)
@@ -94,11 +99,13 @@ def run_predict(args: argparse.Namespace) -> int:
     from t5qa.api import load_predictor, predict_file
 
     mode = _check_args(args)
+    procs = processes()  # one, or those of `accelerate launch`, which share the shards of --data
     flags = config_overrides(args, GenerateConfig)
     generate = from_dict(GenerateConfig, flags, source="flags")
     predictor = load_predictor(args.model, backend=args.backend, generate=generate, allow_pickle=args.allow_pickle,
                                trust_remote_code=args.trust_remote_code, stride_tokens=args.stride_tokens,
-                               max_source_tokens=args.max_source_tokens, chosen=tuple(flags))
+                               max_source_tokens=args.max_source_tokens, chosen=tuple(flags),
+                               device=procs.device if procs.world > 1 else None)
     if args.backend == "ct2" and getattr(args, "verbose", False):
         from t5qa.export import read_check
 
@@ -114,7 +121,10 @@ def run_predict(args: argparse.Namespace) -> int:
         return 0
 
     data = from_dict(DataConfig, config_overrides(args, DataConfig), source="flags")
-    result = predict_file(predictor, args.data, args.output, data_config=data, progress=not args.no_progress)
+    result = predict_file(predictor, args.data, args.output, data_config=data, progress=not args.no_progress,
+                          shard_size=args.shard_size, model_identity=args.model)
+    if not procs.is_main:
+        return 0
     summary = {"output": str(result.output), "questions": result.questions, "seconds": result.seconds,
                "questions_per_second": result.questions_per_second, "windows": result.windows,
                "padding_fraction": result.padding_fraction, "backend": result.backend}
