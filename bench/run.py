@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -139,16 +138,6 @@ def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return combined
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
     if "error" in a or "error" in b or not b.get(key) or a.get(key) is None:
         return None
@@ -191,7 +180,7 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
     add("# t5qa benchmark results")
     add("")
     add(f"- date: {started:%Y-%m-%d %H:%M} (UTC{started:%z}), mode: **{mode.name}**, total wall time {wall_s / 60:.1f} min")
-    add(f"- machine: {cpu_name()}, {os.cpu_count()} logical CPUs; benchmarks use {common.THREADS} threads; "
+    add(f"- machine: {common.cpu_name()}, {os.cpu_count()} logical CPUs; benchmarks use {common.THREADS} threads; "
         f"load average at start {results.get('load_start', 0):.1f}, at end {os.getloadavg()[0]:.1f} "
         "(other jobs share this machine: read ratios, not absolute times)")
     add("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "t5qa"
 
 # Lower rank = earlier stage. The cli package is on top and may import everything.
 RANKS = {
-    "errors": 0, "config": 1, "rundir": 2, "shards": 2, "data": 3, "encode": 4, "stats": 5, "metrics": 6, "noanswer": 6, "grounding": 6, "analysis": 7,
+    "errors": 0, "config": 1, "rundir": 2, "shards": 2, "data": 3, "encode": 4, "encode_cache": 5, "stream": 5, "stats": 5, "metrics": 6, "noanswer": 6, "grounding": 6, "analysis": 7,
     "fastpath": 7,
     "modeling": 8, "lora": 9, "predict": 10, "evaluate": 11, "report": 12, "modelcard": 12, "checkpoint": 13, "optim": 13, "hub": 13, "tracking": 13,
     "train": 14, "export": 15, "api": 16, "serve": 17, "tune": 18, "tune_decoding": 18, "demo": 19, "cli": 20,

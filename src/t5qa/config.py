@@ -31,6 +31,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 METRICS = ("f1", "exact_match", "loss", "token_accuracy")
 SCORERS = ("squad", "squad_v2", "cmrc")  # the official EM/F1 definitions t5qa.metrics implements
 REPORT_FORMATS = ("md", "html")
+ENCODE_CACHE_MODES = ("auto", "always", "never")  # --encode-cache (t5qa.encode_cache)
 
 
 @dataclass
@@ -339,6 +340,18 @@ class TrainConfig:
     """Log loss and learning rate every N steps."""
     report_format: str = "md"
     """Run report format: md or html."""
+    streaming: bool = False
+    """Read the training data as a stream (`datasets` streaming: a JSON-lines, CSV, TSV or Parquet file, or a Hub
+    dataset), never whole in memory or on disk; needs --max-steps and, for evaluation, --validation."""
+    shuffle_buffer: int = 10_000
+    """With --streaming: examples mixed by the shuffle buffer, and grouped by length into micro-batches."""
+    encode_cache: str = "auto"
+    """Keep the tokenised training set on disk (Arrow, through `datasets`), keyed by the data, tokenizer and encode
+    settings, so the next run with the same inputs skips tokenising: always, never, or auto (from 20,000 examples)."""
+    encode_cache_dir: str | None = None
+    """Where the tokenised sets are kept; None: the `datasets` cache (HF_DATASETS_CACHE)/t5qa-encoded."""
+    num_proc: int | None = None
+    """Processes that tokenise a set being cached (`datasets` map's num_proc); None: one."""
     report_to: tuple[str, ...] = ("tensorboard",)
     """Experiment trackers, through Accelerate: tensorboard, wandb, mlflow, comet (comma-separated), or none.
     Each gets the config, the metrics and, at the end, the report's plots; metrics.jsonl is written whatever."""
@@ -392,6 +405,14 @@ class TrainConfig:
                               ("report_format", REPORT_FORMATS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"--{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.encode_cache not in ENCODE_CACHE_MODES:
+            problems.append(f"--encode-cache must be one of {', '.join(ENCODE_CACHE_MODES)}, got {self.encode_cache!r}")
+        if self.shuffle_buffer < 1:
+            problems.append(f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}")
+        if self.streaming and self.max_steps is None:
+            problems.append("--streaming needs --max-steps: a stream has no length to count epochs in")
+        if self.num_proc is not None and self.num_proc < 1:
+            problems.append(f"--num-proc must be at least 1 (or unset), got {self.num_proc}")
         if self.metric is not None and self.metric not in SCORERS:
             problems.append(f"--metric must be one of {', '.join(SCORERS)}, got {self.metric!r}")
         _raise_all(problems)

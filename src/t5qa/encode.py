@@ -343,8 +343,16 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
             yield from batch
 
 
-def answer_length_p99(features: list[dict[str, Any]]) -> int:
+def feature_lengths(features: Sequence[dict[str, Any]]) -> tuple[list[int], list[int]]:
+    """(source lengths, target lengths) of training features: a list of them, or the cached ones
+    (encode_cache.CachedFeatures, which keeps them in columns of their own)."""
+    if hasattr(features, "lengths"):
+        return features.lengths()
+    return [len(f["input_ids"]) for f in features], [len(f["labels"]) for f in features]
+
+
+def answer_length_p99(features: Sequence[dict[str, Any]]) -> int:
     """99th percentile of the training answers' token lengths, + 1 for </s>: the default max_new_tokens."""
     # labels end with </s>, so len(labels) - 1 answer tokens
-    lengths = [len(f["labels"]) - 1 for f in features] or [0]
+    lengths = [n - 1 for n in feature_lengths(features)[1]] or [0]
     return int(math.ceil(float(np.percentile(lengths, 99)))) + 1

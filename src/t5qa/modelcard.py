@@ -124,13 +124,21 @@ def model_card(meta: dict[str, Any], run_summary: dict[str, Any], summary: dict[
 
     lines += ["## Training data", ""]
     train_file, validation_file = public_name(config.get("train")), public_name(config.get("validation"))
-    lines.append(f"- training: `{train_file or 'unknown'}`, {run_summary.get('examples', '?')} examples after "
-                 "cleaning")
+    if run_summary.get("streaming"):
+        lines.append(f"- training: `{train_file or 'unknown'}`, streamed (read as training went, "
+                     f"{run_summary.get('total_steps', '?')} steps)")
+    else:
+        lines.append(f"- training: `{train_file or 'unknown'}`, {run_summary.get('examples', '?')} examples after "
+                     "cleaning")
     lines.append(f"- validation: `{validation_file}`" if validation_file else
                  f"- validation: {run_summary.get('validation_examples', 0)} examples held out from the training "
                  "file, grouped by context so that no validation context was seen in training")
     for split, report in (run_summary.get("cleaning") or {}).items():
         if not isinstance(report, dict):
+            continue
+        if report.get("streamed"):
+            lines.append(f"- cleaning of the {split} data: per chunk of rows as the stream was read (the training "
+                         "log has the counts)")
             continue
         dropped = ", ".join(f"{k} {v}" for k, v in (report.get("dropped") or {}).items()) or "none"
         flagged = ", ".join(f"{k} {v}" for k, v in (report.get("flagged") or {}).items()) or "none"

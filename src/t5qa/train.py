@@ -30,7 +30,10 @@ from t5qa.checkpoint import (check_output_dir, complete_checkpoints, latest_good
 from t5qa.config import GenerateConfig, TrainConfig, save_yaml, to_dict
 from t5qa.data import QAExample, load_dataset, split_examples
 from t5qa.evaluate import choose_metric_for
-from t5qa.encode import EncodeStats, LengthGroupedSampler, answer_length_p99, encode_for_training, make_collator
+from t5qa.encode import (EncodeStats, LengthGroupedSampler, answer_length_p99, encode_for_training, feature_lengths,
+                         make_collator)
+from t5qa.encode_cache import encode_cached, should_cache
+from t5qa.stream import StreamedBatches
 from t5qa.errors import ConfigError, ModelError, TrainingError
 from t5qa import fastpath
 from t5qa.lora import apply_lora, is_lora_model, save_adapter
@@ -103,7 +106,7 @@ class TrainingRun:
     optimizer: Any
     scheduler: Any                  # stepped once per optimizer step, by us
     train_loader: Any
-    sampler: LengthGroupedSampler
+    sampler: LengthGroupedSampler | None  # None: a stream, which groups its own batches
     train_examples: list[QAExample]
     validation_examples: list[QAExample]
     encode_stats: EncodeStats
@@ -161,8 +164,15 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     check_precision(model, cfg.precision)
     model = _prepare_model_for_training(model, cfg)
     cleaning: dict[str, Any] = {}
-    train_examples, validation_examples = load_run_examples(cfg, tokenizer, cleaning)
-    features, encode_stats = encode_for_training(train_examples, tokenizer, cfg.encode)
+    stream = None
+    if cfg.streaming:
+        stream, validation_examples = _open_stream(cfg, tokenizer, cleaning, accelerator.num_processes)
+        train_examples = []  # the stream's examples are read as training goes
+        features, encode_stats = stream.peek_features()  # its first buffer: the answer length, the proof batch
+        encode_cache = "streaming"
+    else:
+        train_examples, validation_examples = load_run_examples(cfg, tokenizer, cleaning)
+        features, encode_stats, encode_cache = _encode_training_set(train_examples, tokenizer, cfg)
     answer_tokens_p99 = answer_length_p99(features)
     generate = cfg.generate
     if generate.max_new_tokens is None:
@@ -173,22 +183,28 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     # Without length grouping, each sorted group is a single micro-batch: a plain shuffle.
     # Grouped by target length too (bench/RESULTS.md: targets are otherwise padded to 2.8x their length).
     grouped = cfg.encode.group_by_length
-    sampler = LengthGroupedSampler([len(f["input_ids"]) for f in features],
-                                   cfg.train_batch_size * accelerator.num_processes, seed=cfg.seed,
-                                   group_batches=100 if grouped else 1,
-                                   target_lengths=[len(f["labels"]) for f in features] if grouped else None)
-    # The loader gets its own generator: each new iterator draws a seed from it, which must not consume the
-    # global torch RNG that dropout uses (a resumed run creates one iterator more than an uninterrupted one).
-    train_loader = torch.utils.data.DataLoader(features, batch_size=cfg.train_batch_size, sampler=sampler,
-                                               collate_fn=make_collator(tokenizer),
-                                               generator=torch.Generator().manual_seed(cfg.seed))
+    sampler: LengthGroupedSampler | None = None
+    if stream is not None:  # the stream makes its own length-grouped micro-batches
+        train_loader = torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=make_collator(tokenizer))
+    else:
+        source_lengths, target_lengths = feature_lengths(features)
+        sampler = LengthGroupedSampler(source_lengths, cfg.train_batch_size * accelerator.num_processes,
+                                       seed=cfg.seed, group_batches=100 if grouped else 1,
+                                       target_lengths=target_lengths if grouped else None)
+        # The loader gets its own generator: each new iterator draws a seed from it, which must not consume the
+        # global torch RNG that dropout uses (a resumed run creates one iterator more than an uninterrupted one).
+        train_loader = torch.utils.data.DataLoader(features, batch_size=cfg.train_batch_size, sampler=sampler,
+                                                   collate_fn=make_collator(tokenizer),
+                                                   generator=torch.Generator().manual_seed(cfg.seed))
     optimizer = make_optimizer(model, cfg)
     # The one place fast paths are decided: each proves itself on the first micro-batch or is not used.
     fast = fastpath.enable(model, optimizer, cfg, accelerator=accelerator, batch=_first_micro_batch(
         features, tokenizer, cfg.train_batch_size))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
 
-    micro_batches_per_epoch = len(train_loader)
+    # A stream has no length: its "epoch" is counted as the whole run (one pass may end sooner, or not at all).
+    micro_batches_per_epoch = (cfg.max_steps * cfg.gradient_accumulation_steps if stream is not None
+                               else len(train_loader))
     steps_per_epoch = max(1, math.ceil(micro_batches_per_epoch / cfg.gradient_accumulation_steps))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -197,7 +213,8 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         if validation_examples else cfg.metric
     summary = {
         "model": cfg.model,
-        "examples": len(train_examples),
+        "examples": None if stream is not None else len(train_examples),
+        "streaming": stream is not None,
         "validation_examples": len(validation_examples),
         "metric": metric,
         "examples_needing_window": encode_stats.needed_window,
@@ -218,6 +235,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         "device": str(accelerator.device),
         "fast_paths": fast.summary(),
         "answer_tokens_p99": answer_tokens_p99,
+        "encode_cache": encode_cache,
         "cleaning": cleaning,
     }
     if accelerator.is_main_process:
@@ -232,6 +250,39 @@ def setup(cfg: TrainConfig) -> TrainingRun:
                        micro_batches_per_epoch=micro_batches_per_epoch, steps_per_epoch=steps_per_epoch,
                        total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, metric=metric, summary=summary,
                        trackers=Trackers(accelerator, trackers, output_dir))
+
+
+def _open_stream(cfg: TrainConfig, tokenizer: Any, cleaning: dict[str, Any], processes: int
+                 ) -> tuple[StreamedBatches, list[QAExample]]:
+    """--streaming: the training stream, and the validation examples (a file of their own: a stream cannot be
+    split without reading it whole)."""
+    if processes > 1:
+        raise ConfigError("--streaming trains on one process for now: several processes would each need their own "
+                          "part of the stream; drop --streaming (the encode cache keeps memory low) or launch one")
+    stream = StreamedBatches(cfg.train, cfg.data, tokenizer, cfg.encode, batch_size=cfg.train_batch_size,
+                             buffer_size=cfg.shuffle_buffer, seed=cfg.seed)
+    validation: list[QAExample] = []
+    if cfg.validation:
+        validation, report = load_dataset(cfg.validation, cfg.data, tokenizer=tokenizer,
+                                          max_answer_tokens=cfg.encode.max_target_tokens)
+        cleaning["validation"] = {k: v for k, v in report.to_dict().items() if k != "examples"}
+    else:
+        logger.info("--streaming without --validation: no evaluation during training (a stream cannot be split); "
+                    "best/ is the last model")
+    cleaning["training"] = {"streamed": True, "note": "cleaned per chunk of rows as it is read"}
+    return stream, validation
+
+
+def _encode_training_set(examples: list[QAExample], tokenizer: Any, cfg: TrainConfig
+                         ) -> tuple[Any, EncodeStats, str]:
+    """The training features: from the on-disk cache (or into it) per --encode-cache, else encoded in memory.
+    The third value says which: "read", "written" or "off"."""
+    if not should_cache(cfg.encode_cache, len(examples)):
+        features, stats = encode_for_training(examples, tokenizer, cfg.encode)
+        return features, stats, "off"
+    features, stats, hit = encode_cached(examples, tokenizer, cfg.encode, cache_dir=cfg.encode_cache_dir,
+                                         num_proc=cfg.num_proc)
+    return features, stats, "read" if hit else "written"
 
 
 def _first_micro_batch(features: list[dict[str, Any]], tokenizer: Any, size: int) -> dict[str, torch.Tensor]:
@@ -294,10 +345,11 @@ def load_run_examples(cfg: TrainConfig, tokenizer: Any,
 
 def _log_summary(summary: dict[str, Any]) -> None:
     logger.info(
-        "training %s on %d examples (validation %d); effective batch %d = %d per micro-batch x %d accumulation "
+        "training %s on %s examples (validation %d); effective batch %d = %d per micro-batch x %d accumulation "
         "x %d process(es); %d steps per epoch, %d steps (%.2f epochs); %s parameters (%s trainable); "
         "precision %s on %s",
-        summary["model"], summary["examples"], summary["validation_examples"], summary["effective_batch_size"],
+        summary["model"], "streamed" if summary["examples"] is None else summary["examples"],
+        summary["validation_examples"], summary["effective_batch_size"],
         summary["train_batch_size"], summary["gradient_accumulation_steps"], summary["processes"],
         summary["steps_per_epoch"], summary["total_steps"], summary["epochs"], f"{summary['parameters']:,}",
         f"{summary['trainable_parameters']:,}", summary["precision"], summary["device"],
@@ -359,7 +411,8 @@ def _fit(run: TrainingRun, on_evaluate: Callable[[int, dict], None] | None, prog
                 loader = accelerator.skip_first_batches(run.train_loader, state.micro_batches_in_epoch)
             # The order depends only on (seed, epoch). Accelerate's loaders re-seed the sampler from their own
             # epoch counter when iterated, so they get ours too (a fresh skip loader would start at 0).
-            run.sampler.set_epoch(state.epoch)
+            if run.sampler is not None:
+                run.sampler.set_epoch(state.epoch)
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(state.epoch)
             step_loss = torch.zeros((), device=accelerator.device)  # sum of micro-batch losses in this step
