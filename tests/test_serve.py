@@ -300,10 +300,15 @@ def test_event_loop_stays_responsive_while_the_model_runs() -> None:
             slow = asyncio.create_task(c.post("/v1/answer", json={"context": "c", "question": "q"}))
             await asyncio.sleep(0.1)  # the model is now busy in its thread
             queued = asyncio.create_task(c.post("/v1/answer", json={"context": "c", "question": "r"}))
-            await asyncio.sleep(0.05)
-            t0 = time.perf_counter()
-            health = await c.get("/health")
-            seconds = time.perf_counter() - t0
+            # Until the second request has reached the queue (a loaded machine may take a while to get there),
+            # while the model is still busy with the first.
+            for _ in range(40):
+                await asyncio.sleep(0.01)
+                t0 = time.perf_counter()
+                health = await c.get("/health")
+                seconds = time.perf_counter() - t0
+                if health.json()["queue_size"] == 1:
+                    break
             await slow
             await queued
             return seconds, health.status_code, health.json()["queue_size"]
@@ -439,3 +444,4 @@ def test_is_loopback(host: str, loopback: bool) -> None:
     from t5qa.cli.serve_cmd import is_loopback
 
     assert is_loopback(host) is loopback
+
