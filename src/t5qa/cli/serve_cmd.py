@@ -113,6 +113,7 @@ def _run_workers(model: str, *, backend: str, generate: GenerateConfig, serve: S
     """`--workers N`: uvicorn's own supervisor runs N processes on the one port, each building its app (and
     loading its model) from the settings in the environment. The model is loaded once here first, so a model
     that cannot load is one line, not N workers' tracebacks; metrics from every worker meet in one directory."""
+    import shutil
     import tempfile
 
     import uvicorn
@@ -134,15 +135,18 @@ def _run_workers(model: str, *, backend: str, generate: GenerateConfig, serve: S
                                                       log_level=level, **safety)
     if api_key is not None:
         os.environ[API_KEY_ENV] = api_key  # the workers' environment, not their command line
-    metrics_dir = os.environ.get(MULTIPROCESS_ENV)
-    if not metrics_dir:
-        metrics_dir = tempfile.mkdtemp(prefix="t5qa-metrics-")
-        os.environ[MULTIPROCESS_ENV] = metrics_dir
+    made = None  # a metrics directory of our own is removed when the server stops; the user's is theirs
+    if not os.environ.get(MULTIPROCESS_ENV):
+        made = tempfile.mkdtemp(prefix="t5qa-metrics-")
+        os.environ[MULTIPROCESS_ENV] = made
     try:
         uvicorn.run("t5qa.serve.app:app_from_environment", factory=True, workers=serve.workers, **options)
     except SystemExit as exc:  # uvicorn exits when it cannot bind the port or a worker cannot start
         if exc.code not in (0, None):
             raise _not_started(serve) from None
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     return 0
 
 
