@@ -167,9 +167,8 @@ def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig
     scored in shards of `shard_size` (t5qa.shards): shared by the processes of `accelerate launch`, and after a
     crash only the shards not done are answered again. The main process combines them and returns the result;
     the other processes return None."""
-    from t5qa.evaluate import choose_metric_for, evaluate_model, evaluate_rows, score_rows, \
-        settings_for_calibration
-    from t5qa.metrics import check_metric
+    from t5qa.evaluate import evaluate_model, evaluate_rows, plan_evaluation, score_rows
+    from t5qa.predict import Predictor
     from t5qa.shards import DEFAULT_SHARD_SIZE, ShardedJob, processes, run_shards
 
     examples = _evaluation_examples(data, data_config, max_examples, need_inputs=True)
@@ -190,17 +189,15 @@ def evaluate(model_dir: str | Path, data: str | Path, *, data_config: DataConfig
                                 calibrate_no_answer=calibrate_no_answer)
     else:
         started = time.perf_counter()
-        metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
-        calibrate = calibrate_no_answer and any(not ex.answers for ex in examples)
-        measured = settings_for_calibration(settings) if calibrate else settings
+        metric, calibrate, measured = plan_evaluation(examples, metric, settings, calibrate_no_answer)
+        scorer = Predictor(predictor.model, predictor.tokenizer, predictor.encode_config, measured)
         job = ShardedJob(Path(shards), total=len(examples), shard_size=shard_size or DEFAULT_SHARD_SIZE,
                          procs=procs, fingerprint={**_answering_job(predictor, model_dir, data), "task": "evaluate",
                                                    "metric": metric, "calibrate": calibrate,
                                                    "max_examples": max_examples})
 
         def score(start: int, end: int) -> tuple[list[dict[str, Any]], dict[str, float]]:
-            return evaluate_rows(predictor.model, predictor.tokenizer, examples[start:end],
-                                 predictor.encode_config, measured, batch_size=measured.batch_size, metric=metric,
+            return evaluate_rows(scorer, examples[start:end], batch_size=measured.batch_size, metric=metric,
                                  measure_no_answer=calibrate)
 
         run_shards(job, score)

@@ -80,9 +80,7 @@ def evaluate_model(
     """
     started = time.perf_counter()
     examples = list(examples[:max_examples] if max_examples else examples)
-    metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
-    calibrate = calibrate_no_answer and any(not ex.answers for ex in examples)
-    generate = settings_for_calibration(generate) if calibrate else generate
+    metric, calibrate, generate = plan_evaluation(examples, metric, generate, calibrate_no_answer)
     indices = list(range(len(examples)))
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.split_between_processes(indices) as shard:
@@ -91,7 +89,7 @@ def evaluate_model(
     else:
         shard = indices
         core = model
-    rows, sums = evaluate_rows(core, tokenizer, [examples[i] for i in shard], encode, generate,
+    rows, sums = evaluate_rows(Predictor(core, tokenizer, encode, generate), [examples[i] for i in shard],
                                batch_size=batch_size, metric=metric, measure_no_answer=calibrate)
     indexed = list(zip(shard, rows))
     totals = [sums]
@@ -110,23 +108,30 @@ def evaluate_model(
     return result
 
 
-def settings_for_calibration(generate: GenerateConfig) -> GenerateConfig:
-    """The settings a no-answer calibration measures with: the model's own answers, whatever threshold the
-    settings carry."""
-    return dataclasses.replace(generate, no_answer_margin=None, calibrated_no_answer=False)
+def plan_evaluation(examples: Sequence[QAExample], metric: str | None, generate: GenerateConfig,
+                    calibrate_no_answer: bool) -> tuple[str, bool, GenerateConfig]:
+    """(the scorer, whether a no-answer threshold is calibrated, the settings the answers are generated with):
+    the scorer named or chosen from the examples; a calibration only where some question has no answer, and then
+    measured on the model's own answers, whatever threshold the settings carry."""
+    metric = check_metric(metric) if metric is not None else choose_metric_for(examples)
+    calibrate = calibrate_no_answer and any(not ex.answers for ex in examples)
+    if calibrate:
+        generate = dataclasses.replace(generate, no_answer_margin=None, calibrated_no_answer=False)
+    return metric, calibrate, generate
 
 
-def evaluate_rows(model: Any, tokenizer: Any, examples: Sequence[QAExample], encode: EncodeConfig,
-                  generate: GenerateConfig, *, batch_size: int, metric: str, measure_no_answer: bool = False
-                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def evaluate_rows(predictor: Predictor, examples: Sequence[QAExample], *, batch_size: int, metric: str,
+                  measure_no_answer: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """One row per example (its answer and scores, in order) and the sums loss and token accuracy are made of
     ({"loss_sum", "target_tokens", "correct_tokens"}), for `score_rows` to combine: one process's share, or one
-    shard's (t5qa.shards)."""
+    shard's (t5qa.shards). `predictor` (a torch-backend Predictor with the evaluation's settings) is built once
+    by the caller, so its fast paths prove themselves once, not per part."""
+    model = predictor.model
     was_training = model.training
     model.eval()
     try:
-        loss_sum, target_tokens, correct = _teacher_forced(list(examples), model, tokenizer, encode, batch_size)
-        predictor = Predictor(model, tokenizer, encode, generate)
+        loss_sum, target_tokens, correct = _teacher_forced(list(examples), model, predictor.tokenizer,
+                                                           predictor.encode_config, batch_size)
         answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], batch_size=batch_size,
                                         measure_no_answer=measure_no_answer)
     finally:

@@ -282,16 +282,14 @@ def base_model(model_dir: str | Path | None) -> str | None:
     """The model a t5qa model was trained from (its t5qa.json), by Hub id or, for a local one, its name."""
     if model_dir is None:
         return None
-    import json
-
     from t5qa.modelcard import public_name
-    from t5qa.rundir import MODEL_META_FILE
+    from t5qa.modeling import read_meta
 
     try:
-        meta = json.loads((Path(model_dir) / MODEL_META_FILE).read_text(encoding="utf-8"))
-        base = meta.get("train_config", {}).get("model")
-    except (OSError, ValueError, AttributeError):
+        train_config = read_meta(model_dir).get("train_config")
+    except T5QAError:  # an unreadable t5qa.json names no base model; loading the model says what is wrong
         return None
+    base = train_config.get("model") if isinstance(train_config, dict) else None
     return public_name(base) if isinstance(base, str) else None
 
 
