@@ -62,6 +62,35 @@ def test_a_small_buffer_still_covers_every_example_once(tokenizer, tmp_path: Pat
     assert sorted(seen) == sorted(want)
 
 
+def test_several_processes_get_shares_of_one_processes_batches(tokenizer, tmp_path: Path) -> None:
+    import itertools
+
+    from t5qa.encode import make_collator
+
+    path = stream_file(tmp_path)  # 40 examples
+    one = StreamedBatches(str(path), DataConfig(), tokenizer, ENCODE, batch_size=8, buffer_size=40, seed=3)
+    two = StreamedBatches(str(path), DataConfig(), tokenizer, ENCODE, batch_size=4, buffer_size=40, seed=3,
+                          processes=2)
+    collate = make_collator(tokenizer)
+    shares = list(itertools.islice(two, 20))  # two passes: the iteration goes on into the next pass itself
+    for first, second in zip(shares[::2], shares[1::2]):  # what Accelerate's dispatcher concatenates
+        a, b = collate(first), collate(second)
+        assert a["input_ids"].shape == b["input_ids"].shape and a["labels"].shape == b["labels"].shape
+    joined = [[len(f["input_ids"]) for f in shares[k] + shares[k + 1]] for k in range(0, 20, 2)]
+    assert joined[:5] == batches(one)  # process i gets the i-th half of one process's batch of 8
+    one.set_epoch(1)
+    assert joined[5:] == batches(one)
+
+    # A buffer that does not divide into global batches carries its rest into the next buffer: nothing is lost
+    # or repeated within a pass, and no share is short.
+    odd = StreamedBatches(str(path), DataConfig(), tokenizer, ENCODE, batch_size=4, buffer_size=12, seed=3,
+                          processes=2)
+    shares = list(itertools.islice(odd, 20))
+    assert all(len(share) == 4 for share in shares)
+    seen = [tuple(f["input_ids"]) for share in shares for f in share]  # every context is another
+    assert len(set(seen)) == 40 and all(seen.count(ids) == 2 for ids in seen)
+
+
 def test_csv_streams_with_the_column_flags(tokenizer, tmp_path: Path) -> None:
     path = tmp_path / "qa.csv"
     with path.open("w", newline="", encoding="utf-8") as handle:

@@ -256,10 +256,13 @@ def make_collator(tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> C
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         batch_size = len(features)
         sources = [f["input_ids"] for f in features]
-        input_ids, attention_mask = pad_batch(sources, pad_id, round_up(max(len(s) for s in sources)))
+        # A share of a bigger batch (stream.PaddedBatch) pads to that batch's lengths.
+        source_len = max(max(len(s) for s in sources), getattr(features, "source_length", 0))
+        input_ids, attention_mask = pad_batch(sources, pad_id, round_up(source_len))
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}  # (batch, source_len) each
         if "labels" in features[0]:
-            target_len = round_up(max(len(f["labels"]) for f in features))
+            target_len = round_up(max(max(len(f["labels"]) for f in features),
+                                      getattr(features, "target_length", 0)))
             labels = torch.full((batch_size, target_len), -100, dtype=torch.long)  # (batch, target_len)
             for row, f in enumerate(features):
                 labels[row, : len(f["labels"])] = torch.as_tensor(f["labels"], dtype=torch.long)

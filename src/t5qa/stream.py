@@ -7,6 +7,13 @@ read into examples in chunks (the same column mapping and answer parsing as ever
 length into micro-batches whose order is shuffled again. The same seed and pass give the same batches, so a
 resumed run skips exactly the batches the interrupted one consumed.
 
+Under several processes (`accelerate launch`), the stream is read once, by the main process, through Accelerate's
+dispatcher (what `accelerator.prepare` does with an iterable loader): it takes N consecutive items, concatenates
+them and gives process i the i-th. So the stream cuts each sorted buffer into global micro-batches of N x batch
+rows (the same batches, in the same order, as one process with an N times larger batch), yields each as N
+items padded to one shape (the dispatcher concatenates tensors), carries the rows that do not fill a global
+batch into the next buffer, and goes on into the next pass by itself, so no process runs out before another.
+
 What a stream cannot give: its length (so --max-steps is required, and an "epoch" is one pass, however long),
 a held-out validation split (give --validation), and cleaning across the whole set (duplicates are found within a
 chunk of CHUNK_ROWS rows).
@@ -61,6 +68,16 @@ def open_stream(source: str, config: DataConfig) -> Any:
         raise DataError(f"{source}: no such local file, and not a Hub dataset to stream ({exc})") from None
 
 
+class PaddedBatch(list):
+    """One process's share of a global micro-batch: its features, and the lengths the whole global batch pads to
+    (read by `encode.make_collator`), so the N shares collate to tensors of one shape."""
+
+    def __init__(self, features: list[dict[str, Any]], source_length: int, target_length: int) -> None:
+        super().__init__(features)
+        self.source_length = source_length
+        self.target_length = target_length
+
+
 def _reasons(counts: dict[str, int]) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
 
@@ -70,30 +87,33 @@ class StreamedBatches(torch.utils.data.IterableDataset):
 
     Iterate it through a DataLoader with `batch_size=None` and the collator; `set_epoch` starts another pass,
     shuffled anew. `peek_features` encodes the first buffer for what training decides before step one (the
-    answer length, the fast paths' proof batch).
+    answer length, the fast paths' proof batch). With `processes` N > 1 the items are the N shares of each
+    global micro-batch (`PaddedBatch`), and iteration does not end: pass after pass, from `set_epoch`'s.
     """
 
     def __init__(self, source: str, data_config: DataConfig, tokenizer: Any, encode: EncodeConfig, *,
-                 batch_size: int, buffer_size: int, seed: int) -> None:
+                 batch_size: int, buffer_size: int, seed: int, processes: int = 1) -> None:
         super().__init__()
         self.source = source
         self.data_config = data_config
         self.tokenizer = tokenizer
         self.encode = encode
         self.batch_size = batch_size
-        self.buffer_size = max(buffer_size, batch_size)
+        self.processes = max(1, processes)
+        self.buffer_size = max(buffer_size, batch_size * self.processes)
         self.seed = seed
         self.epoch = 0
         self.rows_read = 0
+        self.pass_features = 0
         self.dropped: dict[str, int] = {}
         open_stream(source, data_config)  # a source that cannot stream fails here, before training starts
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _examples(self) -> Iterator[QAExample]:
+    def _examples(self, epoch: int) -> Iterator[QAExample]:
         stream = open_stream(self.source, self.data_config).shuffle(seed=self.seed, buffer_size=self.buffer_size)
-        stream.set_epoch(self.epoch)
+        stream.set_epoch(epoch)
         chunk: list[tuple[str, dict[str, Any]]] = []
         for row in stream:
             self.rows_read += 1
@@ -118,9 +138,9 @@ class StreamedBatches(torch.utils.data.IterableDataset):
             self.dropped[reason] = self.dropped.get(reason, 0) + count
         return kept
 
-    def _buffers(self) -> Iterator[list[QAExample]]:
+    def _buffers(self, epoch: int) -> Iterator[list[QAExample]]:
         buffer: list[QAExample] = []
-        for example in self._examples():
+        for example in self._examples(epoch):
             buffer.append(example)
             if len(buffer) >= self.buffer_size:
                 yield buffer
@@ -131,17 +151,43 @@ class StreamedBatches(torch.utils.data.IterableDataset):
     def peek_features(self) -> tuple[list[dict[str, Any]], Any]:
         """The training features of the stream's first buffer (of this pass), in stream order, with their
         EncodeStats."""
-        for buffer in self._buffers():
+        for buffer in self._buffers(self.epoch):
             return encode_for_training(buffer, self.tokenizer, self.encode)
         raise DataError(f"{self.source}: no training examples in the stream; check the file and the column flags")
 
-    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
-        rng = random.Random(f"{self.seed}-{self.epoch}")  # a str seed: the same batches in every process start
-        for buffer in self._buffers():
-            features, _ = encode_for_training(buffer, self.tokenizer, self.encode)
+    def _grouped(self, epoch: int, size: int, carry: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """One pass's micro-batches of `size` features, length-grouped per buffer and shuffled. With `carry` (a
+        list, updated in place), features that do not fill a batch wait in it for the next buffer rather than
+        making a short batch."""
+        rng = random.Random(f"{self.seed}-{epoch}")  # a str seed: the same batches in every process start
+        self.pass_features = 0
+        for buffer in self._buffers(epoch):
+            encoded, _ = encode_for_training(buffer, self.tokenizer, self.encode)
+            self.pass_features += len(encoded)
+            features = carry + encoded  # rows carried over from the last buffer come first
             order = sorted(range(len(features)),
                            key=lambda i: (len(features[i]["input_ids"]), len(features[i]["labels"])))
-            batches = [[features[i] for i in order[k:k + self.batch_size]]
-                       for k in range(0, len(order), self.batch_size)]
+            end = len(order)
+            if self.processes > 1:
+                end -= end % size
+                carry[:] = [features[i] for i in order[end:]]
+            batches = [[features[i] for i in order[k:k + size]] for k in range(0, end, size)]
             rng.shuffle(batches)
             yield from batches
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        if self.processes == 1:
+            yield from self._grouped(self.epoch, self.batch_size, [])
+            return
+        size = self.batch_size * self.processes
+        carry: list[dict[str, Any]] = []
+        epoch = self.epoch
+        while True:
+            for batch in self._grouped(epoch, size, carry):
+                source = max(len(f["input_ids"]) for f in batch)
+                target = max(len(f["labels"]) for f in batch)
+                for k in range(0, size, self.batch_size):
+                    yield PaddedBatch(batch[k:k + self.batch_size], source, target)
+            if not self.pass_features:
+                raise DataError(f"{self.source}: a pass over the stream gave no training examples")
+            epoch += 1

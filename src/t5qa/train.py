@@ -256,11 +256,9 @@ def _open_stream(cfg: TrainConfig, tokenizer: Any, cleaning: dict[str, Any], pro
                  ) -> tuple[StreamedBatches, list[QAExample]]:
     """--streaming: the training stream, and the validation examples (a file of their own: a stream cannot be
     split without reading it whole)."""
-    if processes > 1:
-        raise ConfigError("--streaming trains on one process for now: several processes would each need their own "
-                          "part of the stream; drop --streaming (the encode cache keeps memory low) or launch one")
+    # Under several processes the main one reads the stream and Accelerate's dispatcher hands out the shares.
     stream = StreamedBatches(cfg.train, cfg.data, tokenizer, cfg.encode, batch_size=cfg.train_batch_size,
-                             buffer_size=cfg.shuffle_buffer, seed=cfg.seed)
+                             buffer_size=cfg.shuffle_buffer, seed=cfg.seed, processes=processes)
     validation: list[QAExample] = []
     if cfg.validation:
         validation, report = load_dataset(cfg.validation, cfg.data, tokenizer=tokenizer,
