@@ -99,3 +99,37 @@ def test_training_on_the_cache_trains_like_training_in_memory(tiny_model_dir: Pa
     assert summaries[2]["truncated_targets"] == summaries[0]["truncated_targets"]
     assert losses(tmp_path / "second" / "run") == losses(tmp_path / "first" / "run") == \
         losses(tmp_path / "memory" / "run")
+
+
+def test_a_second_run_on_unchanged_files_reads_neither_their_questions_nor_their_text(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import t5qa.train as train
+    from t5qa.data import QAExample, write_jsonl
+
+    train_file = tmp_path / "questions.jsonl"  # tiny_config writes its own files afresh each time
+    write_jsonl(synthetic_copy_examples(24, seed=3), train_file)
+    settings = dict(train=str(train_file), encode_cache="always", encode_cache_dir=str(tmp_path / "cache"),
+                    validation=None, val_fraction=0.25)
+    first = train.setup(tiny_config(tiny_model_dir, tmp_path, output=str(tmp_path / "a"), **settings))
+    assert first.summary["encode_cache"] == "written"
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the data files were read again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "load_run_examples", no_reading)
+        second = train.setup(tiny_config(tiny_model_dir, tmp_path, output=str(tmp_path / "b"), **settings))
+    assert second.summary["encode_cache"] == "read" and second.train_examples == first.train_examples == 18
+    assert second.validation_examples == first.validation_examples  # the same held-out questions, sources and all
+    assert all(isinstance(ex, QAExample) for ex in second.validation_examples)
+    assert second.summary["cleaning"] == first.summary["cleaning"]
+    assert list(second.train_loader.dataset) == list(first.train_loader.dataset)
+
+    # A changed file, or another split, is read and cleaned again.
+    train_file.write_text(train_file.read_text() + train_file.read_text().splitlines()[0].replace(
+        '"id": "', '"id": "extra-').replace('?"', ' again?"') + "\n")
+    changed = train.setup(tiny_config(tiny_model_dir, tmp_path, output=str(tmp_path / "c"), **settings))
+    assert changed.summary["cleaning"]["training"]["total_in"] == 25
+    resplit = train.setup(tiny_config(tiny_model_dir, tmp_path, output=str(tmp_path / "d"),
+                                      **{**settings, "val_fraction": 0.5}))
+    assert len(resplit.validation_examples) != len(first.validation_examples)

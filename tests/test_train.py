@@ -95,12 +95,14 @@ def test_summary_counts_accumulation_and_epochs(tiny_model_dir: Path, tmp_path: 
 
 
 def test_without_validation_file_contexts_are_held_out(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from t5qa.train import setup
+    from t5qa.train import load_run_examples, setup
 
     cfg = tiny_config(tiny_model_dir, tmp_path, validation=None, val_fraction=0.25)
     run = setup(cfg)
-    assert len(run.validation_examples) == 6 and len(run.train_examples) == 18
-    assert not {e.context for e in run.train_examples} & {e.context for e in run.validation_examples}
+    assert len(run.validation_examples) == 6 and run.train_examples == 18
+    train, validation = load_run_examples(cfg, run.tokenizer)
+    assert [e.id for e in validation] == [e.id for e in run.validation_examples] and len(train) == 18
+    assert not {e.context for e in train} & {e.context for e in validation}
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")

@@ -8,6 +8,12 @@ of the encoding. The directory counts as a cache only once its `stats.json` is w
 so a run killed while encoding leaves nothing that a later run would trust. Reading the features back maps the
 Arrow files into memory rather than building Python lists: 4 bytes a token, shared with the page cache, where a
 list of Python ints costs about 36.
+
+A training run goes one step further (`read_prepared` / `write_prepared`): under a key of its data *files* (their
+paths and SHA-256), the data settings (columns, cleaning, split), the encode settings and the tokenizer, it keeps
+what it made of them: which features it trained on, how many examples, the validation examples it held out or read,
+and the cleaning reports. A second run with unchanged files then reads neither the training file's questions nor
+their text: only the file's bytes, to hash them, so its memory does not grow with the training set.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from t5qa.config import EncodeConfig
+from t5qa.config import DataConfig, EncodeConfig
 from t5qa.data import QAExample
 from t5qa.encode import EncodeStats, encode_for_training
 
@@ -31,6 +37,9 @@ ENCODING_VERSION = 1
 AUTO_MIN_EXAMPLES = 20_000
 """--encode-cache auto caches from this many training examples (below it, tokenising takes about a second)."""
 STATS_FILE = "stats.json"
+PREPARED_FILE = "prepared.json"
+PREPARED_VERSION = 1
+"""Bump when what load_run_examples makes of the same files and settings changes (cleaning, splitting)."""
 
 
 def cache_root(configured: str | os.PathLike | None = None) -> Path:
@@ -64,8 +73,10 @@ class CachedFeatures(Sequence[dict]):
     """The encoded features in Arrow files, indexed like encode_for_training's list: row i is
     {"input_ids", "labels", "example_index"}; a slice is a list of rows."""
 
-    def __init__(self, dataset: Any) -> None:
+    def __init__(self, dataset: Any, key: str = "") -> None:
         self.dataset = dataset
+        self.key = key
+        """The cache key (the directory's name under the cache root)."""
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -106,21 +117,15 @@ def encode_cached(examples: Sequence[QAExample], tokenizer: Any, cfg: EncodeConf
                   ) -> tuple[CachedFeatures, EncodeStats, bool]:
     """The training features of `examples` from the cache, or encoded now (Dataset.map over `num_proc`
     processes) and cached. Returns (features, stats, whether they came from the cache)."""
-    from datasets import Dataset, concatenate_datasets
+    from datasets import Dataset
 
     key = cache_key(examples, tokenizer, cfg)
     directory = cache_root(cache_dir) / key
     stats_path = directory / STATS_FILE
-    if stats_path.is_file():
-        try:
-            files = sorted(directory.glob("encoded*.arrow"))
-            dataset = concatenate_datasets([Dataset.from_file(str(path)) for path in files])
-            stats = EncodeStats(**json.loads(stats_path.read_text(encoding="utf-8")))
-            if len(dataset) == len(examples):
-                logger.info("tokenised features of %d examples read from the cache %s", len(dataset), directory)
-                return CachedFeatures(dataset), stats, True
-        except (OSError, ValueError, TypeError) as exc:  # a damaged cache is encoded again
-            logger.warning("%s: the cached features cannot be read (%s); encoding again", directory, exc)
+    cached = _read_features(directory, len(examples))
+    if cached is not None:
+        logger.info("tokenised features of %d examples read from the cache %s", len(cached[0]), directory)
+        return cached[0], cached[1], True
     directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("encoded*.arrow"):
         stale.unlink()
@@ -139,4 +144,104 @@ def encode_cached(examples: Sequence[QAExample], tokenizer: Any, cfg: EncodeConf
     tmp.write_text(json.dumps(dataclasses.asdict(stats)) + "\n", encoding="utf-8")
     os.replace(tmp, stats_path)  # the cache counts from here on
     logger.info("tokenised %d examples into the cache %s", len(dataset), directory)
-    return CachedFeatures(dataset), stats, False
+    return CachedFeatures(dataset, key), stats, False
+
+
+def _read_features(directory: Path, examples: int | None) -> tuple[CachedFeatures, EncodeStats] | None:
+    """The features cached in `directory` with their stats, or None when it holds no complete cache (of
+    `examples` examples, when given)."""
+    from datasets import Dataset, concatenate_datasets
+
+    stats_path = directory / STATS_FILE
+    if not stats_path.is_file():
+        return None
+    try:
+        files = sorted(directory.glob("encoded*.arrow"))
+        dataset = concatenate_datasets([Dataset.from_file(str(path)) for path in files])
+        stats = EncodeStats(**json.loads(stats_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:  # a damaged cache is encoded again
+        logger.warning("%s: the cached features cannot be read (%s); encoding again", directory, exc)
+        return None
+    if examples is not None and len(dataset) != examples:
+        return None
+    return CachedFeatures(dataset, directory.name), stats
+
+
+# ---------------------------------------------------------------------------------------- a run's prepared data
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """What a training run made of its data files, read back by the next run with the same files and settings."""
+
+    features: CachedFeatures
+    stats: EncodeStats
+    train_examples: int
+    validation: list[QAExample]
+    cleaning: dict[str, Any]
+
+
+def _file_digest(path: Path, digest: Any) -> None:
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def prepared_key(train: Any, validation: Any, data: DataConfig, encode: EncodeConfig, tokenizer: Any) -> str | None:
+    """The key of a run's prepared data: the training and validation files (resolved path and SHA-256 of the
+    bytes; every file of a directory), the data and encode settings, the tokenizer. None when a source is not a
+    local file or directory (a Hub dataset, an in-memory dataset): there is no file to key it by."""
+    from datasets.fingerprint import Hasher
+
+    digest = hashlib.sha256(f"t5qa-prepared-v{PREPARED_VERSION}-encode-v{ENCODING_VERSION}".encode())
+    digest.update(json.dumps([dataclasses.asdict(data), dataclasses.asdict(encode)], sort_keys=True,
+                             default=str).encode())
+    digest.update(Hasher.hash(tokenizer).encode())
+    for source in (train, validation):
+        if source is None:
+            digest.update(b"\0none")
+            continue
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).exists():
+            return None
+        root = Path(source).resolve()
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        digest.update(str(root).encode("utf-8"))
+        for path in files:
+            digest.update(f"\0{path.relative_to(root) if path != root else ''}\0".encode("utf-8"))
+            _file_digest(path, digest)
+    return digest.hexdigest()[:32]
+
+
+def _example_row(ex: QAExample) -> list[Any]:
+    return [ex.id, ex.context, ex.question, list(ex.answers), list(ex.answer_starts), ex.source]
+
+
+def write_prepared(key: str, features: CachedFeatures, train_examples: int, validation: Sequence[QAExample],
+                   cleaning: dict[str, Any], cache_dir: str | os.PathLike | None = None) -> None:
+    """Keep what a run made of its data under `key` (the features stay in their own cache directory)."""
+    directory = cache_root(cache_dir) / "prepared" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {"features": features.key, "train_examples": train_examples, "cleaning": cleaning,
+              "validation": [_example_row(ex) for ex in validation]}
+    tmp = directory / (PREPARED_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / PREPARED_FILE)  # whole or absent
+
+
+def read_prepared(key: str, cache_dir: str | os.PathLike | None = None) -> PreparedData | None:
+    """A run's prepared data under `key`, or None (never written, damaged, or its features gone)."""
+    path = cache_root(cache_dir) / "prepared" / key / PREPARED_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        validation = [QAExample(id=i, context=c, question=q, answers=tuple(a), answer_starts=tuple(s), source=src)
+                      for i, c, q, a, s, src in record["validation"]]
+        cached = _read_features(cache_root(cache_dir) / record["features"], record["train_examples"])
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        logger.warning("%s: the prepared data cannot be read (%s); reading the data files again", path, exc)
+        return None
+    if cached is None:
+        return None
+    return PreparedData(features=cached[0], stats=cached[1], train_examples=record["train_examples"],
+                        validation=validation, cleaning=record["cleaning"])

@@ -32,7 +32,7 @@ from t5qa.data import QAExample, load_dataset, split_examples
 from t5qa.evaluate import choose_metric_for
 from t5qa.encode import (EncodeStats, LengthGroupedSampler, answer_length_p99, encode_for_training, feature_lengths,
                          make_collator)
-from t5qa.encode_cache import encode_cached, should_cache
+from t5qa.encode_cache import encode_cached, prepared_key, read_prepared, should_cache, write_prepared
 from t5qa.stream import StreamedBatches
 from t5qa.errors import ConfigError, ModelError, TrainingError
 from t5qa import fastpath
@@ -107,7 +107,8 @@ class TrainingRun:
     scheduler: Any                  # stepped once per optimizer step, by us
     train_loader: Any
     sampler: LengthGroupedSampler | None  # None: a stream, which groups its own batches
-    train_examples: list[QAExample]
+    train_examples: int | None
+    """How many training examples (None: a stream). The examples themselves are not kept: their features are."""
     validation_examples: list[QAExample]
     encode_stats: EncodeStats
     generate: GenerateConfig        # cfg.generate with max_new_tokens filled in from the training answers
@@ -167,12 +168,14 @@ def setup(cfg: TrainConfig) -> TrainingRun:
     stream = None
     if cfg.streaming:
         stream, validation_examples = _open_stream(cfg, tokenizer, cleaning, accelerator.num_processes)
-        train_examples = []  # the stream's examples are read as training goes
+        train_count = None  # the stream's examples are read as training goes
         features, encode_stats = stream.peek_features()  # its first buffer: the answer length, the proof batch
         encode_cache = "streaming"
     else:
-        train_examples, validation_examples = load_run_examples(cfg, tokenizer, cleaning)
-        features, encode_stats, encode_cache = _encode_training_set(train_examples, tokenizer, cfg)
+        # The main process reads, cleans and caches first; the others then read its cache rather than race it.
+        with accelerator.main_process_first():
+            features, encode_stats, encode_cache, train_count, validation_examples = _prepare_data(
+                cfg, tokenizer, cleaning, write=accelerator.is_main_process)
     answer_tokens_p99 = answer_length_p99(features)
     generate = cfg.generate
     if generate.max_new_tokens is None:
@@ -213,7 +216,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         if validation_examples else cfg.metric
     summary = {
         "model": cfg.model,
-        "examples": None if stream is not None else len(train_examples),
+        "examples": train_count,
         "streaming": stream is not None,
         "validation_examples": len(validation_examples),
         "metric": metric,
@@ -245,7 +248,7 @@ def setup(cfg: TrainConfig) -> TrainingRun:
         _log_summary(summary)
     return TrainingRun(cfg=cfg, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
                        scheduler=scheduler, train_loader=train_loader, sampler=sampler,
-                       train_examples=train_examples, validation_examples=validation_examples,
+                       train_examples=train_count, validation_examples=validation_examples,
                        encode_stats=encode_stats, generate=generate, fast=fast, output_dir=output_dir,
                        micro_batches_per_epoch=micro_batches_per_epoch, steps_per_epoch=steps_per_epoch,
                        total_steps=total_steps, answer_tokens_p99=answer_tokens_p99, metric=metric, summary=summary,
@@ -271,16 +274,32 @@ def _open_stream(cfg: TrainConfig, tokenizer: Any, cleaning: dict[str, Any], pro
     return stream, validation
 
 
-def _encode_training_set(examples: list[QAExample], tokenizer: Any, cfg: TrainConfig
-                         ) -> tuple[Any, EncodeStats, str]:
-    """The training features: from the on-disk cache (or into it) per --encode-cache, else encoded in memory.
-    The third value says which: "read", "written" or "off"."""
+def _prepare_data(cfg: TrainConfig, tokenizer: Any, cleaning: dict[str, Any], *, write: bool = True
+                  ) -> tuple[Any, EncodeStats, str, int, list[QAExample]]:
+    """(training features, their EncodeStats, how the encode cache served them, the number of training examples,
+    the validation examples). The features come from the on-disk cache (or go into it) per --encode-cache, else
+    are encoded in memory; "read", "written" or "off" says which. When a run with the same data files and
+    settings cached its features, what it made of the files is read back and the files are not read again
+    (`write`: keep this run's for the next one)."""
+    key = None
+    if cfg.encode_cache != "never":
+        key = prepared_key(cfg.train, cfg.validation, cfg.data, cfg.encode, tokenizer)
+        prepared = read_prepared(key, cfg.encode_cache_dir) if key else None
+        if prepared is not None:
+            cleaning.update(prepared.cleaning)
+            logger.info("%s: unchanged since a run that cached it; %d training examples (%d held for validation) "
+                        "and their tokenised features read from the cache, the file itself not read again",
+                        cfg.train, prepared.train_examples, len(prepared.validation))
+            return prepared.features, prepared.stats, "read", prepared.train_examples, prepared.validation
+    examples, validation = load_run_examples(cfg, tokenizer, cleaning)
     if not should_cache(cfg.encode_cache, len(examples)):
         features, stats = encode_for_training(examples, tokenizer, cfg.encode)
-        return features, stats, "off"
+        return features, stats, "off", len(examples), validation
     features, stats, hit = encode_cached(examples, tokenizer, cfg.encode, cache_dir=cfg.encode_cache_dir,
                                          num_proc=cfg.num_proc)
-    return features, stats, "read" if hit else "written"
+    if key is not None and write:
+        write_prepared(key, features, len(examples), validation, cleaning, cfg.encode_cache_dir)
+    return features, stats, "read" if hit else "written", len(examples), validation
 
 
 def _first_micro_batch(features: list[dict[str, Any]], tokenizer: Any, size: int) -> dict[str, torch.Tensor]:
