@@ -7,7 +7,9 @@ position bias again at every step, and keeps finished rows in the batch until th
 library offers a greedy loop over an encoder-decoder's own weights without those costs (transformers' static
 cache removes the concatenation only, and its continuous batching serves decoder-only models). This loop:
 
-- runs the model's own encoder module once per batch;
+- runs the encoder once per batch over its own modules and weights, with the position bias and the padding mask
+  summed once for all its layers (the stock encoder sums and copies them again in every layer's attention, a
+  tenth of its time at 32 x 170 tokens) and each layer's query, key and value products fused into one;
 - computes every decoder layer's cross-attention keys and values in one product over the encoder's output;
 - keeps the self-attention keys and values in a cache allocated once, written in place;
 - computes the decoder's relative position bias once per batch, for every step;
@@ -90,6 +92,11 @@ def unsupported(model: Any) -> str | None:
         return "its decoder blocks are not T5's self-attention, cross-attention and feed-forward layers"
     if not blocks[0].layer[0].SelfAttention.has_relative_attention_bias:
         return "its first decoder layer has no relative position bias"
+    encoder_blocks = getattr(getattr(model, "encoder", None), "block", None)
+    if not encoder_blocks or not all(len(block.layer) == 2 for block in encoder_blocks):
+        return "its encoder blocks are not T5's self-attention and feed-forward layers"
+    if not encoder_blocks[0].layer[0].SelfAttention.has_relative_attention_bias:
+        return "its first encoder layer has no relative position bias"
     gen = getattr(model, "generation_config", None)
     for field, neutral in _NEUTRAL_GENERATION.items():
         value = getattr(gen, field, None)
@@ -144,10 +151,32 @@ class LeanGreedy:
         blocks = self.model.decoder.block
         attention = [block.layer[0].SelfAttention for block in blocks]
         cross = [block.layer[1].EncDecAttention for block in blocks]
+        encoder = [block.layer[0].SelfAttention for block in self.model.encoder.block]
         return {
             "qkv": [torch.cat([a.q.weight, a.k.weight, a.v.weight]) for a in attention],
             "kv_all": torch.cat([w for a in cross for w in (a.k.weight, a.v.weight)]),
+            "encoder_qkv": [torch.cat([a.q.weight, a.k.weight, a.v.weight]) for a in encoder],
         }
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: dict[str, Any]) -> torch.Tensor:
+        """The encoder's output, from its own modules and weights: what T5Stack computes in eval mode, with the
+        position bias and padding mask summed once for every layer (the stock code sums and copies them into
+        each layer's attention again) and each layer's query, key and value products fused into one."""
+        encoder = self.model.encoder
+        heads, head_dim = self.heads, self.head_dim
+        batch, length = input_ids.shape
+        x = encoder.embed_tokens(input_ids)
+        dtype = x.dtype
+        bias = encoder.block[0].layer[0].SelfAttention.compute_bias(length, length)  # (1, heads, length, length)
+        bias = (bias + ((1.0 - attention_mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]).contiguous()
+        for i, block in enumerate(encoder.block):
+            attention_layer, ff_layer = block.layer
+            qkv = (F.linear(_rms(x, attention_layer.layer_norm), weights["encoder_qkv"][i])
+                   .view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4))
+            context = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias, scale=1.0)
+            x = x + attention_layer.SelfAttention.o(context.transpose(1, 2).reshape(batch, length, heads * head_dim))
+            x = x + ff_layer.DenseReluDense(_rms(x, ff_layer.layer_norm))
+        return _rms(x, encoder.final_layer_norm)
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
@@ -160,7 +189,7 @@ class LeanGreedy:
         heads, head_dim = self.heads, self.head_dim
         inner = heads * head_dim
         layers = len(blocks)
-        encoded = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        encoded = self._encode(input_ids, attention_mask, weights)
         batch, length, _ = encoded.shape
         dtype = encoded.dtype
         # Every layer's cross-attention keys and values in one product: (layers, 2, batch, heads, length, head_dim).
