@@ -67,7 +67,7 @@ def main() -> None:
 
     from t5qa.config import EncodeConfig, TrainConfig
     from t5qa.fastpath.allocator import keep_freed_memory
-    from t5qa.train import clip_gradients, setup
+    from t5qa.train import setup
 
     # as fit() does
     keeping = keep_freed_memory(True)
@@ -95,7 +95,8 @@ def main() -> None:
         with record_function("backward"):
             accelerator.backward(loss)
         with record_function("clip_grad_norm"):
-            clip_gradients(run, trainable)  # as fit(): inside fused AdamW's step where it can be
+            # as fit(): inside fused AdamW's step where it can be
+            run.fast.limit_gradient_norm(accelerator, model, trainable, run.cfg.max_grad_norm)
         with record_function("optimizer_step"):
             optimizer.step()
         with record_function("zero_grad_and_scheduler"):

@@ -130,3 +130,41 @@ def test_rounds_combine_into_totals_not_an_average_of_rates():
     assert combined["peak_rss_mb"] == 3100 and combined["timed_steps"] == 30 and combined["rounds"] == 2
     assert "command" not in combined  # each round lists its own
     assert bench_run.combine_rounds([{"error": "boom"}, round_(8, 1.0, 2.0, 1e9, 1, 1)]) == {"error": "boom"}
+
+
+def test_training_with_evaluation_report_sums_rounds_and_divides_by_t5qa(tmp_path):
+    import bench_train_eval
+
+    def result(total: float, evaluation: float, refused: list[str] | None = None) -> dict:
+        return {"seconds": total, "eval_seconds": evaluation, "train_seconds": total - evaluation,
+                "peak_rss_mb": 1000.0, "answering_fast_paths_refused": refused or []}
+
+    args = SimpleNamespace(steps=40, evals=2, questions=10, rounds=2, output=str(tmp_path / "R.md"))
+    bench_train_eval.write_report(args, {"trainer": [result(100, 60), result(120, 70)],
+                                         "t5qa": [result(50, 20), result(60, 30, ["decoding not used: x"])]})
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("| t")}
+    assert rows["trainer"][:4] == ["220.0", "90.0", "130.0", f"{10 * 2 * 2 / 130:.2f}"]
+    assert rows["trainer"][4] == f"{220 / 110:.2f}x / {130 / 50:.2f}x"
+    assert rows["t5qa"][4] == "1.00x / 1.00x"
+    assert "refused: decoding not used: x" in (tmp_path / "R.md").read_text()
+
+
+def test_every_name_the_benchmarks_import_from_t5qa_exists():
+    # The benchmarks import t5qa inside their functions (peers' workers must not), so a renamed function
+    # breaks them only when they run: profile_train.py once failed in a full run on a name the redesign removed.
+    import ast
+    import importlib
+    import importlib.util
+
+    missing = []
+    for script in sorted(BENCH.rglob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "t5qa":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    is_package = hasattr(module, "__path__")
+                    if not hasattr(module, alias.name) and not (
+                            is_package and importlib.util.find_spec(f"{node.module}.{alias.name}") is not None):
+                        missing.append(f"{script.name}: {node.module}.{alias.name}")
+    assert not missing, missing

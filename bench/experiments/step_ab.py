@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from t5qa.config import EncodeConfig, TrainConfig  # noqa: E402
 from t5qa.fastpath.linear import FastLinear  # noqa: E402
-from t5qa.train import clip_gradients, setup  # noqa: E402
+from t5qa.train import setup  # noqa: E402
 
 cfg = TrainConfig(model=args.model_dir, train=str(common.TRAIN_FILE),
                   output=str(Path(tempfile.mkdtemp(prefix="t5qa-step-ab-")) / "run"),
@@ -119,7 +119,7 @@ for i in range(args.batches):
         switch(on)
         started = time.perf_counter()
         accelerator.backward(model(**batch).loss)
-        clip_gradients(run, trainable)
+        run.fast.limit_gradient_norm(accelerator, model, trainable, run.cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= 2:
