@@ -19,9 +19,9 @@ RANKS = {
 # Inside a package, the same rule between its rooms (a package's __init__ only gathers their names).
 SUBRANKS = {
     "data": {"records": 0, "readers": 1, "clean": 2, "split": 2},
-    "fastpath": {"classes": 0, "dropout": 1, "linear": 1, "norm": 1, "clip": 1, "allocator": 1, "decoding": 1,
+    "fastpath": {"classes": 0, "dropout": 1, "linear": 1, "norm": 1, "clip": 1, "allocator": 1, "decoding": 2,
                  "proof": 2,
-                 "answering": 2},
+                 "answering": 3},
     "serve": {"batcher": 0, "metrics": 0, "middleware": 0, "runner": 0, "schemas": 1, "app": 2},
 }
 EXEMPT = {"__init__", "__main__", "sample_data", "static"}
