@@ -684,7 +684,7 @@ def _load_translator(directory: Path, compute_type: str) -> Any:
     try:
         # The threads torch would use, each running its own share of a batch on one core (CT2Backend.run splits
         # every batch into that many): on 2 cores 1.5x the questions/s of one batch on two threads, whose
-        # small products keep the second core waiting (bench/RESULTS.md).
+        # small products keep the second core waiting (bench/ANSWERING_RESULTS.md).
         return ctranslate2.Translator(str(directory), device="cpu", compute_type=compute_type,
                                       inter_threads=torch.get_num_threads(), intra_threads=1)
     except (RuntimeError, ValueError) as exc:

@@ -14,6 +14,7 @@ cache removes the concatenation only, and its continuous batching serves decoder
 - keeps the self-attention keys and values in a cache allocated once, written in place;
 - computes the decoder's relative position bias once per batch, for every step;
 - fuses each layer's query, key and value products into one;
+- runs T5 v1.0's feed-forward layers' first product and its ReLU as one oneDNN call;
 - lets finished rows leave the batch (their caches are compacted once a quarter of the batch has finished), so a
   batch of short answers stops paying for the rows that are done.
 
