@@ -20,7 +20,6 @@ token counts (see flops.py), by wrapping the model class's forward, so every loo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import tempfile
@@ -56,15 +55,7 @@ def _train_file(work: Path) -> str:
     if EXAMPLES is None:
         return str(common.TRAIN_FILE)
     keep = {r.id for r in _rows()}
-    data = json.loads(common.TRAIN_FILE.read_text(encoding="utf-8"))
-    for article in data["data"]:
-        for paragraph in article["paragraphs"]:
-            paragraph["qas"] = [qa for qa in paragraph["qas"] if qa["id"] in keep]
-        article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
-    data["data"] = [a for a in data["data"] if a["paragraphs"]]
-    path = work / "train-subset.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return str(path)
+    return str(common.write_squad_subset(common.TRAIN_FILE, keep, work / "train-subset.json"))
 
 
 def run_trainer(model_dir: str, best_flags: bool, steps: int, work: Path, timer: common.StepTimer,

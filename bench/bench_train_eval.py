@@ -67,22 +67,16 @@ class Clock:
 
 def _dev_subset(work: Path, questions: int) -> Path:
     """The first `questions` dev questions as SQuAD JSON (what both tools evaluate on)."""
-    data = json.loads(common.DEV_FILE.read_text(encoding="utf-8"))
-    left = questions
-    for article in data["data"]:
-        for paragraph in article["paragraphs"]:
-            paragraph["qas"] = paragraph["qas"][:max(left, 0)]
-            left -= len(paragraph["qas"])
-        article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
-    data["data"] = [a for a in data["data"] if a["paragraphs"]]
-    path = work / "dev-subset.json"
-    path.write_text(json.dumps(data), encoding="utf-8")
-    return path
+    ids = {r.id for r in common.read_squad(common.DEV_FILE)[:questions]}
+    return common.write_squad_subset(common.DEV_FILE, ids, work / "dev-subset.json")
+
+
+PUNCTUATION = set(string.punctuation)
 
 
 def _normalise(text: str) -> str:
     # SQuAD's normalisation (lower case, no punctuation or articles, single spaces), for the Trainer's metric
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = "".join(c for c in text.lower() if c not in PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 

@@ -112,6 +112,19 @@ def read_squad(path: Path) -> list[QA]:
     return rows
 
 
+def write_squad_subset(source: Path, ids: set[str], path: Path) -> Path:
+    """The questions of SQuAD JSON file `source` whose ids are in `ids`, written to `path` in the same format
+    (articles and paragraphs left without a question dropped)."""
+    data = json.loads(source.read_text(encoding="utf-8"))
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            paragraph["qas"] = [qa for qa in paragraph["qas"] if qa["id"] in ids]
+        article["paragraphs"] = [p for p in article["paragraphs"] if p["qas"]]
+    data["data"] = [a for a in data["data"] if a["paragraphs"]]
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
 def prompt(row: QA) -> str:
     # run_seq2seq_qa.py builds " ".join(["question:", q.lstrip(), "context:", c.lstrip()]): the same string.
     return PROMPT.format(question=row.question.lstrip(), context=row.context.lstrip())
