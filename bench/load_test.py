@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per-request client timeout")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name} (replacing it)")
     parser.add_argument("--append", action="store_true", help=f"add this run to {RESULTS.name}")
+    parser.add_argument("--out", help="also write the figures as JSON here (bench/run.py reads it)")
     args = parser.parse_args(argv)
 
     import torch
@@ -270,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_load(url, requests=args.requests, concurrency=args.concurrency,
                               pairs_per_request=args.pairs_per_request, timeout_s=args.timeout_s)
     print(json.dumps(asdict(result), indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"name": "load", "kind": "load", "preset": args.preset,
+                                              "max_new_tokens": args.max_new_tokens, **asdict(result)}, indent=2),
+                                  encoding="utf-8")
     if args.write or args.append:
         command = ".venv/bin/python bench/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:])
         model = args.model or f"{args.preset} preset, random weights, {len(predictor.tokenizer)}-token vocabulary"

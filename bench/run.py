@@ -44,9 +44,14 @@ class Mode:
     questions: int
     profile: bool
     rounds: int               # trainer-best and t5qa alternate this many times, timed_steps / rounds each
+    serve_args: tuple[str, ...]       # bench/serve_throughput.py's sizing
+    load_requests: int                # bench/load_test.py: requests from 32 clients
+    train_eval_args: tuple[str, ...]  # bench/bench_train_eval.py's sizing (steps, evaluations, questions)
 
 
-QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questions=16, profile=False, rounds=1)
+QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questions=16, profile=False, rounds=1,
+             serve_args=("--quick",), load_requests=200,
+             train_eval_args=("--steps", "4", "--evals", "2", "--questions", "8"))
 # The dynamically padded loops (trainer-best, t5qa) each train two epochs over the same fixed random subset of
 # (timed steps per round) x batch examples: the first epoch warms up, the second is timed. So both are timed on
 # exactly the same examples and only the batching differs. (Timing all but the first few steps of one epoch is
@@ -54,7 +59,9 @@ QUICK = Mode("quick", warmup_steps=1, timed_steps=4, timed_steps_fixed=2, questi
 # its two longest batches, 347 and 251 source tokens per example against 162 for the whole subset.) They alternate
 # (trainer-best, t5qa, trainer-best, t5qa), so a slow patch of the shared machine hits both; each figure sums the
 # rounds. `warmup_steps` applies to the fixed-shape loops only.
-FULL = Mode("full", warmup_steps=2, timed_steps=80, timed_steps_fixed=10, questions=440, profile=True, rounds=2)
+FULL = Mode("full", warmup_steps=2, timed_steps=80, timed_steps_fixed=10, questions=440, profile=True, rounds=2,
+            serve_args=(), load_requests=2000,
+            train_eval_args=("--steps", "40", "--evals", "2", "--questions", "96"))
 # trainer-default joins the rounds too (its own fixed-shape step count per round, on the whole training file):
 # run once, its figure followed the machine's state of that one minute.
 ALTERNATING = ("trainer-best", "t5qa", "trainer-compile", "trainer-default")
@@ -66,7 +73,10 @@ TARGETS = {
     # issue 18's round-two targets (the first round's were 1.5x and 3x)
     "predict_torch_vs_generate16": 2.5,
     "predict_ct2_int8_vs_generate16": 5.0,
+    "serve_batched_vs_one_by_one": 3.0,  # requests/s with 16 concurrent clients
+    "load_5xx": 0,  # server errors under load_requests requests from 32 clients
 }
+TRAIN_EVAL_IMPLS = ("trainer", "t5qa")  # bench_train_eval.py: Seq2SeqTrainer with predict_with_generate, t5qa
 
 
 def worker_env() -> dict[str, str]:
@@ -77,8 +87,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_worker(script: str, args: list[str], out: Path, timeout_s: int) -> dict[str, Any]:
-    """Run one benchmark process; its result dict, or {"error": ...} when it failed."""
+def run_worker(script: str, args: list[str], out: Path, timeout_s: int, *,
+               failing_exit_keeps_result: bool = False) -> dict[str, Any]:
+    """Run one benchmark process; its result dict, or {"error": ...} when it failed. With
+    `failing_exit_keeps_result`, a process that exits non-zero after writing its result (load_test.py does when a
+    request failed) keeps that result, with its exit status."""
     command = [sys.executable, str(HERE / script), *args, "--out", str(out)]
     shown = " ".join(["python", f"bench/{script}", *args])
     print(f"[bench] {shown}", flush=True)
@@ -89,6 +102,11 @@ def run_worker(script: str, args: list[str], out: Path, timeout_s: int) -> dict[
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s} s", "command": shown}
     wall = time.perf_counter() - started
+    if proc.returncode != 0 and failing_exit_keeps_result and out.is_file():
+        result = json.loads(out.read_text(encoding="utf-8"))
+        result.update({"command": shown, "process_seconds": wall, "exit_status": proc.returncode})
+        print(f"[bench]   done in {wall:.0f} s (exit status {proc.returncode})", flush=True)
+        return result
     if proc.returncode != 0 or not out.is_file():
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no stderr)"]
         if "No module named 't5qa" in proc.stderr:
@@ -230,6 +248,10 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
             return "–"
         return f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
 
+    serve, load = results.get("serve", {"error": "not run"}), results.get("load", {"error": "not run"})
+    rows.append(("server requests/s, 16 concurrent clients, micro-batching / one request per model call",
+                 serve.get("ratio_batched_vs_one_by_one"), None, TARGETS["serve_batched_vs_one_by_one"], True, "x"))
+
     add("| target | measured (wall time) | verdict | same ratio per CPU-second | verdict | required |")
     add("|---|---|---|---|---|---|")
     for name, value, cpu_value, target, higher, unit in rows:
@@ -237,6 +259,16 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
         cpu_verdict = verdict(cpu_value, target, higher_is_better=higher) if cpu_value is not None else "–"
         add(f"| {name} | {shown(value, unit)} | {verdict(value, target, higher_is_better=higher)} | "
             f"{shown(cpu_value, unit)} | {cpu_verdict} | {need} |")
+    if "error" in load:
+        add(f"| server 5xx under load | {load['error']} | n/a (a benchmark did not run) | – | – | 0 |")
+    else:
+        failed = load["server_errors_5xx"] + load["dropped"]
+        add(f"| server 5xx and dropped requests, {load['requests']} requests from {load['concurrency']} clients | "
+            f"{load['server_errors_5xx']} 5xx, {load['dropped']} dropped, {load['client_errors_4xx']} 4xx | "
+            f"{'PASS' if failed == 0 else 'MISS'} | – | – | 0 |")
+    t5_eval, trainer_eval = (results.get(f"train-eval-{i}", {"error": "not run"}) for i in ("t5qa", "trainer"))
+    add(f"| training run with evaluation, t5qa / Seq2SeqTrainer with predict_with_generate (total seconds) | "
+        f"{shown(ratio(trainer_eval, t5_eval, 'seconds'), 'x')} | reported | – | – | – |")
     add("")
     add("The targets are defined on wall time. When other jobs take cores, a process gets less than "
         f"{common.THREADS} CPU-seconds per second (column *CPU s per wall s* below) and wall-time ratios between "
@@ -314,6 +346,58 @@ def write_report(path: Path, mode: Mode, results: dict[str, dict[str, Any]], arg
         "peers truncate it instead, and may lose the answer). A random model's greedy output is mostly padding "
         "tokens, so the answer texts are often empty; the agreement column checks that the backends decode the "
         "same tokens (int8 may differ).")
+    add("")
+
+    add("## Server (requests/s and client-side latency; `t5qa serve` in its own process)")
+    add("")
+    if "error" in serve:
+        add(f"Not measured: {serve['error']}")
+    else:
+        add(f"bench/serve_throughput.py: {serve['model']}; TyDi QA dev questions in file order, exactly "
+            f"{common.NEW_TOKENS} new tokens per answer; the batched server runs with --max-batch-size "
+            f"{serve['max_batch_size']} --max-wait-ms {serve['max_wait_ms']:g} (its defaults).")
+        add("")
+        add("| scenario | concurrent clients | requests | requests/s | p50 latency ms | p99 latency ms | model calls | "
+            "mean pairs per call |")
+        add("|---|---|---|---|---|---|---|---|")
+        for name, r in serve["scenarios"].items():
+            clients = 1 if name == "sequential" else serve["concurrency"]
+            add(f"| {name} | {clients} | {r['requests']} | {r['requests_per_second']:.2f} | {r['p50_ms']:.0f} | "
+                f"{r['p99_ms']:.0f} | {r['model_calls']} | {r['mean_batch']:.1f} |")
+        add("")
+        add("`batched` is the server as users run it; `one-by-one` is the same server with --max-batch-size 1 (the "
+            "same concurrent requests, one per model call); `sequential` is one client waiting for each answer "
+            "(the latency a lone user sees).")
+    add("")
+    if "error" not in load:
+        lat = load.get("latency_ms", {})
+        add(f"Load (bench/load_test.py, the {load.get('preset', '?')} preset, {load.get('max_new_tokens', '?')} new "
+            f"tokens): {load['requests']} requests from {load['concurrency']} clients, {load['ok']} answered, "
+            f"{load['server_errors_5xx']} 5xx, {load['client_errors_4xx']} 4xx, {load['dropped']} dropped; "
+            f"{load['requests_per_second']:.1f} requests/s, p99 {lat.get('p99', float('nan')):.0f} ms, "
+            f"{load.get('server_batches', '?')} model calls.")
+        add("")
+
+    add("## A training run with evaluation (t5qa against Seq2SeqTrainer with predict_with_generate)")
+    add("")
+    if "error" in t5_eval or "error" in trainer_eval:
+        add(f"Not measured: {t5_eval.get('error') or trainer_eval.get('error')}")
+    else:
+        add(f"bench/bench_train_eval.py: each trains {t5_eval['steps']} steps of batch {common.BATCH_SIZE} and "
+            f"evaluates {t5_eval['evaluations']} times (loss, and greedy answers of exactly {common.NEW_TOKENS} new "
+            "tokens) on the first TyDi QA dev questions; seconds from the end of the first step to the end of the "
+            "last evaluation.")
+        add("")
+        add("| tool | total s | training s | evaluation s | t5qa faster by (total / evaluation) | peak RSS (MiB) |")
+        add("|---|---|---|---|---|---|")
+        for name, r in (("trainer", trainer_eval), ("t5qa", t5_eval)):
+            add(f"| {name} | {r['seconds']:.1f} | {r['train_seconds']:.1f} | {r['eval_seconds']:.1f} | "
+                f"{r['seconds'] / t5_eval['seconds']:.2f}x / {r['eval_seconds'] / t5_eval['eval_seconds']:.2f}x | "
+                f"{r['peak_rss_mb']:,.0f} |")
+        refused = t5_eval.get("answering_fast_paths_refused") or []
+        add("")
+        add("t5qa's evaluations answered with every answering fast path (the lean decoding loop included)."
+            if not refused else "t5qa's answering fast paths refused: " + "; ".join(refused))
     add("")
 
     profile = HERE / "PROFILE.md"
@@ -415,6 +499,18 @@ def main(argv: list[str] | None = None) -> int:
             results[impl] = run_worker("bench_predict.py", ["--impl", impl, "--model-dir", str(directory),
                                                             "--questions", str(mode.questions)],
                                        work / f"{impl}.json", args.timeout)
+        if wanted("serve"):
+            results["serve"] = run_worker("serve_throughput.py", ["--no-write", *mode.serve_args],
+                                          work / "serve.json", args.timeout)
+        if wanted("load"):
+            results["load"] = run_worker("load_test.py", ["--requests", str(mode.load_requests), "--concurrency",
+                                                          "32"], work / "load.json", args.timeout,
+                                         failing_exit_keeps_result=True)
+        for impl in TRAIN_EVAL_IMPLS:
+            if wanted(f"train-eval-{impl}"):
+                results[f"train-eval-{impl}"] = run_worker(
+                    "bench_train_eval.py", ["--impl", impl, "--model-dir", str(model_dir), *mode.train_eval_args],
+                    work / f"train-eval-{impl}.json", args.timeout)
         if mode.profile and wanted("profile"):
             results["profile"] = run_worker("profile_train.py", ["--model-dir", str(model_dir)],
                                             work / "profile.json", args.timeout)

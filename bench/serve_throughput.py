@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"the batched server's max wait (default {defaults.max_wait_ms:g})")
     p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads of the server (default {THREADS})")
     p.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS_FILE.name}")
+    p.add_argument("--out", help="also write the figures as JSON here (bench/run.py reads it)")
     return p.parse_args(argv)
 
 
@@ -264,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         RESULTS_FILE.write_text(report(results, ratio, model_text, args, command), encoding="utf-8")
         print(f"wrote {RESULTS_FILE.relative_to(REPO_ROOT)}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "name": "serve", "kind": "serve", "scenarios": results, "ratio_batched_vs_one_by_one": ratio,
+            "concurrency": args.concurrency, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+            "model": model_text, "load_average": list(args.load_average)}, indent=2), encoding="utf-8")
     return 0
 
 

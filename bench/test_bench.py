@@ -168,3 +168,36 @@ def test_every_name_the_benchmarks_import_from_t5qa_exists():
                             is_package and importlib.util.find_spec(f"{node.module}.{alias.name}") is not None):
                         missing.append(f"{script.name}: {node.module}.{alias.name}")
     assert not missing, missing
+
+
+def test_report_gives_the_server_the_load_test_and_training_with_evaluation_their_rows(tmp_path):
+    def scenario(rps: float, batch: float) -> dict:
+        return {"requests": 128, "seconds": 128 / rps, "requests_per_second": rps, "p50_ms": 900.0, "p99_ms": 1500.0,
+                "model_calls": round(128 / batch), "mean_batch": batch}
+
+    def train_eval(total: float, evaluation: float) -> dict:
+        return {"steps": 40, "evaluations": 2, "seconds": total, "eval_seconds": evaluation,
+                "train_seconds": total - evaluation, "peak_rss_mb": 1000.0, "answering_fast_paths_refused": []}
+
+    load = {"requests": 2000, "concurrency": 32, "ok": 1999, "server_errors_5xx": 1, "client_errors_4xx": 0,
+            "dropped": 0, "requests_per_second": 100.0, "latency_ms": {"p99": 800.0}, "server_batches": 300}
+    results = {
+        "serve": {"scenarios": {"batched": scenario(8.0, 16.0), "one-by-one": scenario(2.5, 1.0),
+                                "sequential": scenario(2.4, 1.0)},
+                  "ratio_batched_vs_one_by_one": 8.0 / 2.5, "concurrency": 16, "max_batch_size": 32,
+                  "max_wait_ms": 5.0, "model": "toy"},
+        "load": load,
+        "train-eval-trainer": train_eval(130.0, 50.0), "train-eval-t5qa": train_eval(100.0, 40.0),
+    }
+    out = tmp_path / "RESULTS.md"
+    bench_run.write_report(out, bench_run.QUICK, results, [], __import__("datetime").datetime.now().astimezone(), 1.0)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| ")}
+    serve_row = rows["server requests/s, 16 concurrent clients, micro-batching / one request per model call"]
+    assert serve_row[:2] == ["3.20x", "PASS"]
+    load_row = rows["server 5xx and dropped requests, 2000 requests from 32 clients"]
+    assert load_row[:2] == ["1 5xx, 0 dropped, 0 4xx", "MISS"]  # one 5xx misses the target
+    evaluation_row = rows["training run with evaluation, t5qa / Seq2SeqTrainer with predict_with_generate "
+                          "(total seconds)"]
+    assert evaluation_row[0] == "1.30x"
+    assert rows["trainer"][3] == "1.30x / 1.25x" and rows["batched"][2] == "8.00"

@@ -106,6 +106,53 @@ def test_rows_that_finish_leave_the_batch_and_change_no_answer(family, tiny_toke
         assert bool((decoded.tokens[:, stock.shape[1]:] == loop.pad_id).all())
 
 
+@pytest.mark.parametrize("family", LEAN_FAMILIES)
+def test_an_encoder_in_chunks_of_similar_length_changes_no_answer(family, tiny_tokenizer, monkeypatch):
+    tokenizer = byte_tokenizer() if family == "byt5" else tiny_tokenizer
+    model = _ending_model(family, tokenizer)
+    windows = sorted((item.window.input_ids for item in _predictor(model, tokenizer)._encode(PAIRS)), key=len)
+    # Mixed lengths, as in a server's batch: chunks save padding (a byte model's windows are all long: cut some).
+    windows = windows[-3:] + [w[:max(4, len(w) // 3)] for w in windows[:4]]
+    ids, mask = pad_batch(windows, tokenizer.pad_token_id)
+    lengths = mask.sum(-1)
+    assert int(lengths.min()) < 0.5 * int(lengths.max())
+    encoded_shapes = []
+    encode = decoding.LeanGreedy._encode
+    monkeypatch.setattr(decoding.LeanGreedy, "_encode",
+                        lambda self, i, m, w: encoded_shapes.append(tuple(i.shape)) or encode(self, i, m, w))
+    monkeypatch.setattr(decoding, "CHUNK_ROWS", 2)
+    loop = decoding.LeanGreedy(model)
+    one_pass = loop.decode(ids, mask, max_new_tokens=MAX_NEW, chunk_rows=0)
+    assert encoded_shapes == [tuple(ids.shape)]
+    encoded_shapes.clear()
+    chunked = loop.decode(ids, mask, max_new_tokens=MAX_NEW)  # the saving decides: chunks of 2
+    assert len(encoded_shapes) == -(-ids.shape[0] // 2)
+    assert sum(rows * n for rows, n in encoded_shapes) < ids.numel()  # padding left out
+    stock = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
+                           num_beams=1)[:, 1:]
+    assert torch.equal(chunked.tokens[:, :stock.shape[1]], stock)
+    assert torch.equal(chunked.tokens, one_pass.tokens)
+    assert torch.allclose(chunked.first_logits, one_pass.first_logits, atol=1e-4, rtol=0)
+
+
+def test_the_proof_runs_the_encoder_both_ways(tiny_tokenizer, monkeypatch):
+    model = _ending_model("t5-v1.1", tiny_tokenizer)
+    seen = []
+    original = decoding.LeanGreedy.decode
+    monkeypatch.setattr(decoding.LeanGreedy, "decode",
+                        lambda self, *a, **k: seen.append(k.get("chunk_rows")) or original(self, *a, **k))
+    items = _predictor(model, tiny_tokenizer)._encode(PAIRS)
+    ids, mask = pad_batch([item.window.input_ids for item in items], tiny_tokenizer.pad_token_id)
+    assert decoding.LeanDecoding(model).prove(ids, mask) is None
+    assert sorted(seen) == [0, 1]
+    # Cross-attention keys and values that come out wrong only when the encoder runs in chunks are refused.
+    cross = decoding.LeanGreedy._cross_keys_values
+    monkeypatch.setattr(decoding.LeanGreedy, "_cross_keys_values",
+                        lambda self, i, m, w, rows: cross(self, i, m, w, rows) + (0.5 if rows else 0.0))
+    why = decoding.LeanDecoding(model).prove(ids, mask)
+    assert why is not None and "encoder in chunks" in why
+
+
 def test_grounded_answers_stay_in_their_context(tiny_tokenizer):
     model = _ending_model("t5-v1.1", tiny_tokenizer)
     predictor = _predictor(model, tiny_tokenizer, grounded=True)

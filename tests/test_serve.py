@@ -290,6 +290,53 @@ def test_different_generation_options_are_never_mixed() -> None:
     assert sum(n for n, o in fake.calls if o["num_beams"] == 2) == 8
 
 
+def _closed_loop(delay_s: float, starts_s: list[float], rounds: int) -> tuple[list[int], int]:
+    """Clients that each send `rounds` requests, the next a few ms after the last answer (as over HTTP), against a
+    MicroBatcher whose model call takes `delay_s`; client i starts at starts_s[i]. Returns the pairs per model
+    call and how many batches waited to regroup."""
+    from t5qa.serve.batcher import MicroBatcher
+
+    calls: list[int] = []
+
+    def answer(pairs: list[tuple[str, str]], options: dict[str, Any]) -> list[str]:
+        calls.append(len(pairs))
+        time.sleep(delay_s)
+        return [q for _, q in pairs]
+
+    async def scenario() -> int:
+        batcher = MicroBatcher(answer, config=ServeConfig(max_batch_size=32, max_wait_ms=5))
+
+        async def client(i: int) -> None:
+            await asyncio.sleep(starts_s[i])
+            for r in range(rounds):
+                result = await batcher.submit([("c", f"{i}-{r}")], {})
+                assert result.answers == [f"{i}-{r}"]
+                await asyncio.sleep(0.003)  # the answer's way back and the next request's way in
+
+        await asyncio.gather(*(client(i) for i in range(len(starts_s))))
+        await batcher.stop()
+        return batcher.regrouped
+
+    regrouped = asyncio.run(scenario())
+    return calls, regrouped
+
+
+def test_clients_that_arrived_in_two_groups_merge_into_one_batch() -> None:
+    # 8 clients, then 8 more while the first batch runs: without regrouping the two groups take turns forever
+    # (batches of 8); with it, the next batch waits for the first group to come back and takes all 16.
+    calls, regrouped = _closed_loop(0.2, [0.0] * 8 + [0.1] * 8, rounds=4)
+    assert sum(calls) == 16 * 4
+    assert regrouped >= 1
+    assert calls[:2] == [8, 16], calls
+    assert len(calls) <= 5, calls  # taking turns: 8 calls of 8
+
+
+def test_a_lone_client_never_waits_to_regroup() -> None:
+    calls, regrouped = _closed_loop(0.05, [0.0], rounds=5)
+    assert calls == [1] * 5
+    assert regrouped == 0
+
+
 def test_event_loop_stays_responsive_while_the_model_runs() -> None:
     fake = FakePredictor(delay_s=0.6)
     app = create_app(fake)

@@ -10,6 +10,9 @@ cache removes the concatenation only, and its continuous batching serves decoder
 - runs the encoder once per batch over its own modules and weights, with the position bias and the padding mask
   summed once for all its layers (the stock encoder sums and copies them again in every layer's attention, a
   tenth of its time at 32 x 170 tokens) and each layer's query, key and value products fused into one;
+- where a batch mixes short and long inputs (a server's batch of whatever requests came in), encodes it in
+  chunks of rows of similar length, each padded only to its own longest row, and pads the cross-attention keys
+  and values instead (the encoder's work then follows the real tokens, not the batch's longest input);
 - computes every decoder layer's cross-attention keys and values in one product over the encoder's output;
 - keeps the self-attention keys and values in a cache allocated once, written in place;
 - computes the decoder's relative position bias once per batch, for every step;
@@ -26,9 +29,9 @@ left to `generate`.
 
 Written for: `T5ForConditionalGeneration` and `MT5ForConditionalGeneration` (t5, flan-t5, t5 v1.1, mT5, ByT5)
 with fp32 weights on the CPU, no gradients. It proves itself once per Predictor on its model and first batch
-(`prove`): its logits for up to PROOF_ROWS inputs over PROOF_STEPS steps must equal the stock forward pass's,
-given the same decoder tokens, within LOGITS_RTOL of their largest magnitude. Where it does not, or cannot be
-tried, one line says why and `generate` answers.
+(`prove`): its logits for the batch's longest and shortest inputs over PROOF_STEPS steps, with the encoder run in
+one pass and in chunks, must equal the stock forward pass's, given the same decoder tokens, within LOGITS_RTOL of
+their largest magnitude. Where it does not, or cannot be tried, one line says why and `generate` answers.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ PROOF_STEPS = 4
 TOLERANCE = f"logits within {LOGITS_RTOL:g} of their largest magnitude"
 # Finished rows leave the batch once they are this share of it (compaction copies every cache).
 COMPACT_SHARE = 0.25
+# The encoder runs in chunks of this many rows (longest first) where that leaves out at least CHUNK_SAVING of the
+# batch's padded tokens. A length-sorted batch (Predictor.answer_many sorts its inputs) saves too little and runs
+# in one pass: chunks of 16 were within noise there (bench/ANSWERING_RESULTS.md). 8 rows x 100+ tokens keep the
+# encoder's products large enough to run near the machine's matmul rate.
+CHUNK_ROWS = 8
+CHUNK_SAVING = 0.15
 # Generation-config fields that make `generate` add a logits processor or change stopping, with their neutral
 # values: where a model's config sets another, this loop is not used. (t5qa passes the beams, lengths, length
 # penalty and no-repeat n-gram size to `generate` itself, so the model's values of those do not count.)
@@ -195,10 +204,45 @@ class LeanGreedy:
         inner = torch.ops.mkldnn._linear_pointwise(hidden.reshape(-1, shape[-1]), ff.wi.weight, None, "relu", [], "")
         return x + ff.wo(inner.view(*shape[:-1], inner.shape[-1]))
 
+    def _cross_keys_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, weights: dict[str, Any],
+                           chunk_rows: int | None) -> torch.Tensor:
+        """Every decoder layer's cross-attention keys and values, (layers, 2, batch, heads, length, head_dim):
+        the encoder in one pass, or in chunks of rows of similar length where that saves enough padding, with
+        the keys and values of each chunk's padding left at zero (the padding mask hides them). `chunk_rows`
+        overrides the choice: 0 one pass, k chunks of k rows."""
+        heads, head_dim, layers = self.heads, self.head_dim, len(self.model.decoder.block)
+        batch, length = input_ids.shape
+        lengths = attention_mask.sum(-1)
+        # Chunks cut the padding off the end of each row: only for right-padded rows (a mask of ones, then zeros).
+        right_padded = bool((attention_mask == (torch.arange(length) < lengths[:, None])).all())
+        order = torch.argsort(lengths, descending=True, stable=True)
+        rows = chunk_rows or CHUNK_ROWS  # 0 and None: CHUNK_ROWS, whose saving decides below
+        chunks = [order[i:i + rows] for i in range(0, batch, rows)]
+        chunk_lengths = [max(int(lengths[c].max()), 1) for c in chunks]
+        padded = sum(len(c) * n for c, n in zip(chunks, chunk_lengths))
+        if (not right_padded or chunk_rows == 0
+                or (chunk_rows is None and padded > (1.0 - CHUNK_SAVING) * batch * length)):
+            encoded = self._encode(input_ids, attention_mask, weights)
+            return (F.linear(encoded, weights["kv_all"]).view(batch, length, layers, 2, heads, head_dim)
+                    .permute(2, 3, 0, 4, 1, 5).contiguous())
+        width = layers * 2 * heads * head_dim
+        flat = None  # (batch, length, layers * 2 * heads * head_dim), zero where a row's chunk ends
+        for chunk, n in zip(chunks, chunk_lengths):
+            encoded = self._encode(input_ids[chunk, :n], attention_mask[chunk, :n], weights)
+            kv = F.linear(encoded, weights["kv_all"])  # (rows, n, width)
+            if flat is None:
+                flat = kv.new_zeros(batch, length, width)
+            flat[chunk, :n] = kv
+        assert flat is not None
+        return flat.view(batch, length, layers, 2, heads, head_dim).permute(2, 3, 0, 4, 1, 5).contiguous()
+
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
-               min_new_tokens: int = 0, allowed: Allowed | None = None, keep_step_logits: bool = False) -> Decoded:
-        """Greedy answers for a padded batch of source ids (batch, length) and its mask."""
+               min_new_tokens: int = 0, allowed: Allowed | None = None, keep_step_logits: bool = False,
+               chunk_rows: int | None = None) -> Decoded:
+        """Greedy answers for a padded batch of source ids (batch, length) and its mask. `chunk_rows` fixes how
+        the encoder runs (0: one pass; k: chunks of k rows) where the padding saved would decide (the proof runs
+        both)."""
         model = self.model
         decoder = model.decoder
         blocks = decoder.block
@@ -206,12 +250,10 @@ class LeanGreedy:
         heads, head_dim = self.heads, self.head_dim
         inner = heads * head_dim
         layers = len(blocks)
-        encoded = self._encode(input_ids, attention_mask, weights)
-        batch, length, _ = encoded.shape
-        dtype = encoded.dtype
         # Every layer's cross-attention keys and values in one product: (layers, 2, batch, heads, length, head_dim).
-        cross = (F.linear(encoded, weights["kv_all"]).view(batch, length, layers, 2, heads, head_dim)
-                 .permute(2, 3, 0, 4, 1, 5).contiguous())
+        cross = self._cross_keys_values(input_ids, attention_mask, weights, chunk_rows)
+        _, _, batch, _, length, _ = cross.shape
+        dtype = cross.dtype
         mask_bias = ((1.0 - attention_mask.to(dtype)) * torch.finfo(dtype).min)[:, None, None, :]
         steps = int(max_new_tokens)
         position_bias = blocks[0].layer[0].SelfAttention.compute_bias(steps, steps)  # (1, heads, steps, steps)
@@ -311,24 +353,36 @@ class LeanDecoding:
 
 def _differs(model: Any, loop: LeanGreedy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> str | None:
     """Why the loop's logits differ from the stock forward pass's on the same decoder tokens; None where not."""
-    rows = min(PROOF_ROWS, input_ids.shape[0])
-    mask = attention_mask[:rows]
+    # The batch's longest and shortest rows: padding in the one-pass encoder, and cross-attention keys and values
+    # padded after a chunked one, both take part.
+    lengths = attention_mask.sum(-1)
+    picked = [int(lengths.argmax()), int(lengths.argmin())][:PROOF_ROWS]
+    picked = list(dict.fromkeys(picked))  # one row where all are as long
+    rows = len(picked)
+    mask = attention_mask[picked]
     length = max(int(mask.sum(-1).max()), 1)
-    ids, mask = input_ids[:rows, :length], mask[:, :length]
+    ids, mask = input_ids[picked, :length], mask[:, :length]
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            lean = loop.decode(ids, mask, max_new_tokens=PROOF_STEPS, min_new_tokens=PROOF_STEPS,
-                               keep_step_logits=True)
-            steps = len(lean.step_logits or [])
-            decoder = torch.cat([torch.full((rows, 1), loop.start_id, dtype=torch.long), lean.tokens[:, :steps - 1]], 1)
-            stock = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits.float()
+            # Both ways the encoder runs: one padded pass, and one row per chunk (each row's cross-attention keys
+            # and values padded after the encoder).
+            for chunk_rows in (0, 1):
+                lean = loop.decode(ids, mask, max_new_tokens=PROOF_STEPS, min_new_tokens=PROOF_STEPS,
+                                   keep_step_logits=True, chunk_rows=chunk_rows)
+                steps = len(lean.step_logits or [])
+                decoder = torch.cat([torch.full((rows, 1), loop.start_id, dtype=torch.long),
+                                     lean.tokens[:, :steps - 1]], 1)
+                stock = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder).logits.float()
+                why = logits_differ(stock, torch.stack(lean.step_logits or [], dim=1))  # (rows, steps, vocab)
+                if why is not None:
+                    return why + (" (encoder in chunks)" if chunk_rows else "")
     except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
         return f"its pass failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     finally:
         model.train(was_training)
-    return logits_differ(stock, torch.stack(lean.step_logits or [], dim=1))  # (rows, steps, vocab)
+    return None
 
 
 def logits_differ(stock: torch.Tensor, fast: torch.Tensor) -> str | None:
