@@ -90,7 +90,7 @@ def run_t5qa(model_dir: str, pairs: list[tuple[str, str]], backend: str) -> tupl
     with Clock() as clock:
         answers = predictor.answer_many(pairs)
     extra = {
-        "generate_batch_size": generate.batch_size,
+        "generate_batch_size": predictor.batch_size(),
         "model_inputs": predictor.stats.windows - warm,  # > questions when long contexts need windows
     }
     return [a.text for a in answers], clock, extra

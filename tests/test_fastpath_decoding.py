@@ -153,6 +153,29 @@ def test_the_proof_runs_the_encoder_both_ways(tiny_tokenizer, monkeypatch):
     assert why is not None and "encoder in chunks" in why
 
 
+def test_batches_are_larger_where_the_lean_loop_answers_unless_the_user_sets_one(tiny_tokenizer, monkeypatch):
+    from t5qa import predict
+
+    monkeypatch.setattr(predict, "LEAN_BATCH_SIZE", 4)
+    monkeypatch.setattr(predict, "DEFAULT_BATCH_SIZE", 3)
+    model = _ending_model("t5-v1.1", tiny_tokenizer)
+    shapes = []
+    original = decoding.LeanGreedy.decode
+    monkeypatch.setattr(decoding.LeanGreedy, "decode",
+                        lambda self, ids, *a, **k: (None if k.get("keep_step_logits") else shapes.append(ids.shape[0]))
+                        or original(self, ids, *a, **k))  # the proof's calls keep their logits: not counted
+    auto = _predictor(model, tiny_tokenizer, batch_size=None)
+    assert auto.batch_size() == 4 and auto.batch_size(GenerateConfig(num_beams=2)) == 3
+    windows = len(auto._encode(PAIRS))
+    auto.answer_many(PAIRS)
+    assert shapes == [4] * (windows // 4) + ([windows % 4] if windows % 4 else [])
+    assert _predictor(model, tiny_tokenizer, batch_size=2).batch_size() == 2
+    refused = _predictor(model, tiny_tokenizer, batch_size=None)
+    monkeypatch.setattr(decoding, "_differs", lambda *a: "logits differ (for this test)")
+    refused.answer_many(PAIRS[:2])
+    assert refused.batch_size() == 3  # generate answers: the plain default
+
+
 def test_grounded_answers_stay_in_their_context(tiny_tokenizer):
     model = _ending_model("t5-v1.1", tiny_tokenizer)
     predictor = _predictor(model, tiny_tokenizer, grounded=True)

@@ -25,7 +25,7 @@ from t5qa.data import QAExample
 from t5qa.encode import encode_for_training, make_collator
 from t5qa.metrics import check_metric, choose_metric, pair_scores, score_predictions, token_accuracy
 from t5qa.noanswer import NoAnswerCalibration, apply_threshold, choose_threshold
-from t5qa.predict import Answer, Predictor
+from t5qa.predict import DEFAULT_BATCH_SIZE, Answer, Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def evaluate_model(
     encode: EncodeConfig,
     generate: GenerateConfig,
     *,
-    batch_size: int,
+    batch_size: int | None,
     metric: str | None = None,
     accelerator: Any = None,
     max_examples: int | None = None,
@@ -68,7 +68,8 @@ def evaluate_model(
         examples: the evaluation examples.
         encode: how inputs are built (as in training).
         generate: decoding settings for the generated answers.
-        batch_size: examples per forward pass (loss and generation).
+        batch_size: examples per forward pass (loss and generation); None: the answering backend's own choice
+            (predict.TorchBackend.batch_size), and DEFAULT_BATCH_SIZE for the loss.
         metric: the scorer (squad, squad_v2, cmrc); None chooses one from the examples (`choose_metric_for`).
         accelerator: an `accelerate.Accelerator`; with several processes the work is sharded and gathered.
         max_examples: evaluate only the first N examples.
@@ -120,7 +121,7 @@ def plan_evaluation(examples: Sequence[QAExample], metric: str | None, generate:
     return metric, calibrate, generate
 
 
-def evaluate_rows(predictor: Predictor, examples: Sequence[QAExample], *, batch_size: int, metric: str,
+def evaluate_rows(predictor: Predictor, examples: Sequence[QAExample], *, batch_size: int | None, metric: str,
                   measure_no_answer: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """One row per example (its answer and scores, in order) and the sums loss and token accuracy are made of
     ({"loss_sum", "target_tokens", "correct_tokens"}), for `score_rows` to combine: one process's share, or one
@@ -131,7 +132,8 @@ def evaluate_rows(predictor: Predictor, examples: Sequence[QAExample], *, batch_
     model.eval()
     try:
         loss_sum, target_tokens, correct = _teacher_forced(list(examples), model, predictor.tokenizer,
-                                                           predictor.encode_config, batch_size)
+                                                           predictor.encode_config,
+                                                           batch_size or DEFAULT_BATCH_SIZE)
         answers = predictor.answer_many([(ex.context, ex.question) for ex in examples], batch_size=batch_size,
                                         measure_no_answer=measure_no_answer)
     finally:
