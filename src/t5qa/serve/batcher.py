@@ -155,12 +155,11 @@ class MicroBatcher:
                 have = self._pairs_like(first.options)
                 if have >= self.max_batch_size:
                     break
-                wait_until = deadline
-                if have < expected and regroup_deadline > deadline:
-                    wait_until, regrouping = regroup_deadline, True
-                timeout = wait_until - self._loop.time()
+                regroup = have < expected and regroup_deadline > deadline
+                timeout = (regroup_deadline if regroup else deadline) - self._loop.time()
                 if timeout <= 0:
                     break
+                regrouping = regrouping or (regroup and deadline <= self._loop.time())  # waits past its deadline
                 try:
                     self._pending.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except asyncio.TimeoutError:
