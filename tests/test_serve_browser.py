@@ -184,9 +184,9 @@ def test_page_footer_names_the_model_not_its_directory(browser: Any, tmp_path: P
     with running_server(create_app(EchoPredictor(), model_dir=model_dir)) as base:
         page = browser.new_page()
         page.goto(base + "/")
-        # A locator waits in Playwright's own script world: wait_for_function with a string would poll through
-        # eval in the page, which the page's Content-Security-Policy (script-src 'self') refuses whenever the
-        # footer is not filled in at the first look (a slow machine).
+        # A locator waits in Playwright's own script world. wait_for_function with a string evaluates it in the
+        # page, and the page's Content-Security-Policy (script-src 'self') refuses eval: one clean-clone CI run
+        # failed on that EvalError (not reproduced here, a /health delayed by 1.5 s included).
         sync_api.expect(page.locator("#server-info")).to_contain_text("fraud-qa", timeout=20_000)
         footer = page.text_content("#server-info")
         assert "model fraud-qa" in footer and "from t5-small" in footer and "backend echo" in footer
