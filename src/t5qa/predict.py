@@ -292,7 +292,7 @@ class Predictor:
         items = self._encode(pairs)
         # Longest first: similar lengths share a batch, and an out-of-memory batch shows up at once.
         order = sorted(range(len(items)), key=lambda i: -len(items[i].window.input_ids))
-        size = self._runner.batch_size(gen)
+        size = self.batch_size(gen)
         batches = [order[i:i + size] for i in range(0, len(order), size)]
         bar = _progress_bar(len(items)) if progress else None
         try:
@@ -330,7 +330,8 @@ class Predictor:
 
     def batch_size(self, gen: GenerateConfig | None = None) -> int:
         """Windows per batch that answering uses (GenerateConfig.batch_size, else the backend's choice)."""
-        return self._runner.batch_size(gen or self.generate_config)
+        gen = gen or self.generate_config
+        return gen.batch_size if gen.batch_size is not None else self._runner.batch_size(gen)
 
     def max_new_tokens(self, gen: GenerateConfig | None = None) -> int:
         """The answer length limit in tokens that decoding uses."""
@@ -408,8 +409,6 @@ class TorchBackend:
     def batch_size(self, gen: GenerateConfig) -> int:
         """Windows per batch where `gen` names none: LEAN_BATCH_SIZE where the lean loop will answer (or has not
         been tried yet), else DEFAULT_BATCH_SIZE."""
-        if gen.batch_size is not None:
-            return gen.batch_size
         lean = self.fast.lean
         lean_answers = (gen.fast_answering and gen.num_beams == 1 and not gen.no_repeat_ngram_size
                         and lean is not None and (not lean.proven or lean.ready))
@@ -500,9 +499,9 @@ class CT2Backend:
         return contextlib.nullcontext()
 
     def batch_size(self, gen: GenerateConfig) -> int:
-        """Windows per batch: `gen`'s, else DEFAULT_BATCH_SIZE (int8 on 2 cores: 28.5 questions/s in batches of
-        32 against 25.9 in batches of 64, each in a process of its own)."""
-        return gen.batch_size if gen.batch_size is not None else DEFAULT_BATCH_SIZE
+        """Windows per batch where `gen` names none: DEFAULT_BATCH_SIZE (int8 on 2 cores: 28.5 questions/s in
+        batches of 32 against 25.9 in batches of 64, each in a process of its own)."""
+        return DEFAULT_BATCH_SIZE
 
     def run(self, batch: list[_Item], gen: GenerateConfig, max_new_tokens: int, stats: InferenceStats,
             measure_no_answer: bool = False) -> list[tuple]:
